@@ -1,0 +1,1 @@
+"""Activities, grouped by side effect. Each class receives its clients in its constructor."""

@@ -1,0 +1,1 @@
+"""Settings, the Temporal client factory and the database schema. Imports nothing of ours."""

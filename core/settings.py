@@ -1,0 +1,56 @@
+"""The one settings object. Every value can be set by an environment variable PROCFLOW_<NAME>."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_DIR = Path(".data")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROCFLOW_", env_file=".env", extra="ignore")
+
+    # Temporal
+    temporal_address: str = Field("127.0.0.1:7233", description="host:port of the Temporal frontend")
+    temporal_namespace: str = "default"
+    task_queue: str = Field("procflow", description="task queue the workers poll")
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+    temporal_rpc_timeout_s: float = Field(5.0, description="bound on one API->Temporal call")
+
+    # Business records
+    database_url: str = Field(
+        f"sqlite+aiosqlite:///{DATA_DIR}/procflow.db",
+        description="SQLAlchemy async URL; postgresql+asyncpg://... in production",
+    )
+
+    # Mail
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 8025
+    smtp_timeout_s: float = 10.0
+    mail_from: str = "procflow@localhost"
+
+    # Credentials
+    jwt_secret: str = Field(
+        "change-me-in-production-procflow-dev-secret",
+        min_length=16,
+        description="HMAC key that signs access tokens",
+    )
+    jwt_algorithm: str = "HS256"
+    jwt_ttl_minutes: int = 60
+
+    # Embedded payment sandbox: customers whose charges are declined (for demos and tests)
+    sandbox_decline_customers: list[str] = Field(default_factory=lambda: ["CUST-DECLINE"])
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    update_wait_s: float = Field(30.0, description="how long a decision waits for the process")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

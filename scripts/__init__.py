@@ -1,0 +1,1 @@
+"""Operational entry points: migrate, seed, mail sink (`python -m scripts.<name>`)."""

@@ -1,0 +1,131 @@
+"""Payment activities against the sandbox provider and its ledger table."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from temporalio.exceptions import ApplicationError
+
+from activities.models import (
+    PAYMENT_DECLINED,
+    PROVIDER_UNAVAILABLE,
+    IncomingPayment,
+    PaymentRequest,
+    RefundRequest,
+)
+from activities.payments import PaymentActivities, SandboxPaymentProvider
+from core.db import LedgerEntry
+
+
+def _charge(customer: str = "CUST-1", key: str = "sales-order-SO-1/capture") -> PaymentRequest:
+    return PaymentRequest(
+        idempotency_key=key,
+        order_no="SO-1",
+        customer_id=customer,
+        amount=Decimal("250.00"),
+        currency="EUR",
+    )
+
+
+def _refund(amount: str, key: str = "sales-order-SO-1/refund") -> RefundRequest:
+    return RefundRequest(
+        idempotency_key=key,
+        order_no="SO-1",
+        original_key="sales-order-SO-1/capture",
+        amount=Decimal(amount),
+        currency="EUR",
+    )
+
+
+async def _ledger(sessions: async_sessionmaker) -> list[tuple[str, str, Decimal]]:
+    async with sessions() as session:
+        rows = (await session.execute(select(LedgerEntry).order_by(LedgerEntry.id))).scalars()
+        return [(r.kind, r.idempotency_key, Decimal(r.amount)) for r in rows]
+
+
+@pytest.fixture
+def provider(sessions) -> SandboxPaymentProvider:
+    return SandboxPaymentProvider(sessions, decline_customers={"CUST-DECLINE"})
+
+
+@pytest.fixture
+def payments(provider, sessions) -> PaymentActivities:
+    return PaymentActivities(provider, sessions)
+
+
+async def test_capture_twice_with_same_key_charges_once(payments, sessions, activity_env):
+    first = await activity_env.run(payments.capture_payment, _charge())
+    second = await activity_env.run(payments.capture_payment, _charge())
+    assert (first.status, first.duplicate) == ("captured", False)
+    assert second.duplicate is True
+    assert second.provider_ref == first.provider_ref
+    assert await _ledger(sessions) == [("charge", "sales-order-SO-1/capture", Decimal("250.00"))]
+
+
+async def test_charge_whose_answer_was_lost_is_not_repeated_on_retry(
+    payments, provider, sessions, activity_env
+):
+    provider.crash_after_charge = 1
+    with pytest.raises(ApplicationError) as lost:
+        await activity_env.run(payments.capture_payment, _charge())
+    assert lost.value.type == PROVIDER_UNAVAILABLE and not lost.value.non_retryable
+
+    retried = await activity_env.run(payments.capture_payment, _charge())
+    assert retried.duplicate is True
+    assert [kind for kind, *_ in await _ledger(sessions)] == ["charge"]
+
+
+async def test_declined_customer_is_a_non_retryable_payment_declined(
+    payments, sessions, activity_env
+):
+    with pytest.raises(ApplicationError) as declined:
+        await activity_env.run(payments.capture_payment, _charge(customer="CUST-DECLINE"))
+    assert declined.value.type == PAYMENT_DECLINED == "PaymentDeclined"
+    assert declined.value.non_retryable is True
+    assert await _ledger(sessions) == []
+
+
+async def test_outage_is_retryable_and_then_succeeds(payments, provider, sessions, activity_env):
+    provider.outages = 2
+    for _ in range(2):
+        with pytest.raises(ApplicationError) as outage:
+            await activity_env.run(payments.capture_payment, _charge())
+        assert outage.value.type == PROVIDER_UNAVAILABLE
+        assert outage.value.non_retryable is False
+        assert await _ledger(sessions) == []
+    result = await activity_env.run(payments.capture_payment, _charge())
+    assert (result.status, result.duplicate, provider.outages) == ("captured", False, 0)
+
+
+async def test_refund_is_idempotent_and_bounded_by_the_charge(payments, sessions, activity_env):
+    await activity_env.run(payments.capture_payment, _charge())
+    refund = await activity_env.run(payments.refund_payment, _refund("100.00"))
+    again = await activity_env.run(payments.refund_payment, _refund("100.00"))
+    assert (refund.status, refund.duplicate, again.duplicate) == ("refunded", False, True)
+    assert again.provider_ref == refund.provider_ref
+
+    with pytest.raises(ApplicationError) as too_much:
+        await activity_env.run(payments.refund_payment, _refund("150.01", key="refund-2"))
+    assert too_much.value.type == PAYMENT_DECLINED and too_much.value.non_retryable
+    assert [kind for kind, *_ in await _ledger(sessions)] == ["charge", "refund"]
+
+
+async def test_refund_of_an_unknown_charge_is_refused(payments, sessions, activity_env):
+    with pytest.raises(ApplicationError) as refused:
+        await activity_env.run(payments.refund_payment, _refund("10.00"))
+    assert refused.value.type == PAYMENT_DECLINED and refused.value.non_retryable
+    assert await _ledger(sessions) == []
+
+
+async def test_incoming_payment_is_recorded_once_per_event(payments, sessions, activity_env):
+    event = IncomingPayment(
+        event_id="evt-42", order_no="SO-9", amount=Decimal("99.50"), currency="EUR"
+    )
+    first = await activity_env.run(payments.record_incoming_payment, event)
+    second = await activity_env.run(payments.record_incoming_payment, event)
+    assert (first.status, first.duplicate, second.duplicate) == ("received", False, True)
+    assert first.idempotency_key == "incoming:evt-42"
+    assert await _ledger(sessions) == [("incoming", "incoming:evt-42", Decimal("99.50"))]

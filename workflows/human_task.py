@@ -1,0 +1,308 @@
+"""Human tasks: steps that wait for a person, with claim, delegation, reminders and escalation.
+
+Deterministic building block used inside workflows. A `TaskBoard` owns a process instance's
+tasks; it validates and applies actions (raising `ApplicationError` with a typed `type`, which
+update validators let through so that nothing enters history) and tells the workflow which
+timer (reminder, escalation, final deadline) is due next. Side effects (projection, mail) stay
+with the workflow, which runs them as activities.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.exceptions import ApplicationError
+
+# Error types that validators raise; the API maps them to HTTP status codes.
+TASK_NOT_FOUND = "TaskNotFound"  # 404
+TASK_CLOSED = "TaskClosed"  # 409
+NOT_PERMITTED = "NotPermitted"  # 403
+FOUR_EYES = "FourEyesViolation"  # 403
+INVALID_DECISION = "InvalidDecision"  # 422
+CONFLICT = "Conflict"  # 409
+
+MANAGER_ROLE = "manager"
+SYSTEM_ACTOR = "system"
+TIMED_OUT = "timed_out"
+WITHDRAWN = "withdrawn"
+
+
+class Actor(BaseModel):
+    """The acting user, always taken from the caller's credentials by the API."""
+
+    model_config = ConfigDict(frozen=True)
+
+    username: str
+    roles: list[str] = Field(default_factory=list)
+
+
+class TaskEvent(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    detail: str = ""
+
+
+class TaskTimes(BaseModel):
+    remind_after: timedelta | None = None
+    escalate_after: timedelta | None = None
+    deadline: timedelta | None = None
+    escalation_role: str | None = None
+
+
+class HumanTask(BaseModel):
+    task_id: str
+    name: str
+    kind: Literal["approval", "acknowledgement", "payment"]
+    candidate_roles: list[str]
+    assignee: str | None = None
+    outcomes: list[str]
+    required_fields: dict[str, list[str]] = Field(
+        default_factory=dict, description="outcome -> fields that must be non-empty"
+    )
+    requester: str
+    four_eyes: bool = True
+    created_at: datetime
+    remind_at: datetime | None = None
+    escalate_at: datetime | None = None
+    deadline_at: datetime | None = None
+    escalation_role: str | None = None
+    reminded: bool = False
+    escalated: bool = False
+    status: Literal["open", "closed"] = "open"
+    outcome: str | None = None
+    decided_by: str | None = None
+    comment: str = ""
+    fields: dict[str, str] = Field(default_factory=dict)
+    closed_at: datetime | None = None
+    history: list[TaskEvent] = Field(default_factory=list)
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == "open"
+
+    def who_may_act(self) -> str:
+        return f"user {self.assignee}" if self.assignee else "roles " + ", ".join(
+            self.candidate_roles
+        )
+
+
+class DecideInput(BaseModel):
+    task_id: str
+    outcome: str
+    comment: str = ""
+    fields: dict[str, str] = Field(default_factory=dict)
+    actor: Actor
+
+
+class TaskActionInput(BaseModel):
+    """claim / release / delegate / reassign. `to_user` for delegate and reassign (None: pool)."""
+
+    task_id: str
+    actor: Actor
+    to_user: str | None = None
+    comment: str = ""
+
+
+_PAST = {"claim": "claimed", "release": "released", "delegate": "delegated",
+         "reassign": "reassigned"}
+
+Due = tuple[datetime, Literal["remind", "escalate", "deadline"], HumanTask]
+
+
+def _refuse(type_: str, message: str) -> ApplicationError:
+    return ApplicationError(message, type=type_, non_retryable=True)
+
+
+class TaskBoard:
+    """All human tasks of one instance, keyed by id, in creation order."""
+
+    def __init__(self, key_prefix: str, requester: str) -> None:
+        self.key_prefix = key_prefix
+        self.requester = requester
+        self.tasks: dict[str, HumanTask] = {}
+        self._seq = 0
+
+    # ----------------------------------------------------------------- opening and reading
+    def open(
+        self,
+        *,
+        name: str,
+        kind: Literal["approval", "acknowledgement", "payment"],
+        candidate_roles: list[str],
+        outcomes: list[str],
+        now: datetime,
+        times: TaskTimes,
+        required_fields: dict[str, list[str]] | None = None,
+        four_eyes: bool = True,
+    ) -> HumanTask:
+        self._seq += 1
+        task = HumanTask(
+            task_id=f"{self.key_prefix}.t{self._seq}",
+            name=name,
+            kind=kind,
+            candidate_roles=list(candidate_roles),
+            outcomes=list(outcomes),
+            required_fields=required_fields or {},
+            requester=self.requester,
+            four_eyes=four_eyes,
+            created_at=now,
+            remind_at=now + times.remind_after if times.remind_after else None,
+            escalate_at=now + times.escalate_after if times.escalate_after else None,
+            deadline_at=now + times.deadline if times.deadline else None,
+            escalation_role=times.escalation_role,
+            history=[TaskEvent(at=now, actor=SYSTEM_ACTOR, action="opened")],
+        )
+        self.tasks[task.task_id] = task
+        return task
+
+    def open_tasks(self) -> list[HumanTask]:
+        return [t for t in self.tasks.values() if t.is_open]
+
+    def pending_roles(self) -> list[str]:
+        roles: list[str] = []
+        for t in self.open_tasks():
+            for r in t.candidate_roles:
+                if r not in roles:
+                    roles.append(r)
+        return sorted(roles)
+
+    def get(self, task_id: str) -> HumanTask:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise _refuse(TASK_NOT_FOUND, f"task {task_id} does not exist in this process")
+        return task
+
+    def get_open(self, task_id: str) -> HumanTask:
+        task = self.get(task_id)
+        if not task.is_open:
+            raise _refuse(TASK_CLOSED, f"task {task_id} is already closed ({task.outcome})")
+        return task
+
+    # ----------------------------------------------------------------- permissions
+    def _check_four_eyes(self, task: HumanTask, username: str) -> None:
+        if task.four_eyes and username == task.requester:
+            raise _refuse(
+                FOUR_EYES, f"{username} requested this process and may not decide its own task"
+            )
+
+    def _check_may_act(self, task: HumanTask, actor: Actor) -> None:
+        self._check_four_eyes(task, actor.username)
+        if task.assignee is not None:
+            if task.assignee != actor.username:
+                raise _refuse(NOT_PERMITTED, f"task {task.task_id} is taken by {task.assignee}")
+        elif not set(actor.roles) & set(task.candidate_roles):
+            raise _refuse(
+                NOT_PERMITTED,
+                f"{actor.username} holds none of the roles {task.candidate_roles} of this task",
+            )
+
+    # ----------------------------------------------------------------- decisions
+    def validate_decision(self, inp: DecideInput) -> HumanTask:
+        task = self.get_open(inp.task_id)
+        if not task.outcomes:
+            raise _refuse(
+                INVALID_DECISION, f"task {task.task_id} closes by itself and takes no decision"
+            )
+        self._check_may_act(task, inp.actor)
+        if inp.outcome not in task.outcomes:
+            raise _refuse(
+                INVALID_DECISION,
+                f"outcome: '{inp.outcome}' is not one of {task.outcomes}",
+            )
+        for field in task.required_fields.get(inp.outcome, []):
+            value = inp.comment if field == "comment" else inp.fields.get(field, "")
+            if not value.strip():
+                raise _refuse(INVALID_DECISION, f"{field}: required when the outcome is "
+                              f"'{inp.outcome}'")
+        return task
+
+    def apply_decision(self, inp: DecideInput, now: datetime) -> HumanTask:
+        task = self.validate_decision(inp)
+        self.close(task, inp.outcome, inp.actor.username, now, comment=inp.comment)
+        task.fields = dict(inp.fields)
+        return task
+
+    def close(
+        self, task: HumanTask, outcome: str, actor: str, now: datetime, comment: str = ""
+    ) -> None:
+        task.status = "closed"
+        task.outcome = outcome
+        task.decided_by = actor
+        task.comment = comment
+        task.closed_at = now
+        task.history.append(TaskEvent(at=now, actor=actor, action=outcome, detail=comment))
+
+    # ----------------------------------------------------------------- claim and delegation
+    def validate_action(self, action: str, inp: TaskActionInput) -> HumanTask:
+        task = self.get_open(inp.task_id)
+        actor = inp.actor
+        is_manager = MANAGER_ROLE in actor.roles
+        if action == "claim":
+            if task.assignee is not None:
+                raise _refuse(CONFLICT, f"task {task.task_id} is already taken by {task.assignee}")
+            self._check_may_act(task, actor)
+        elif action == "release":
+            if task.assignee is None:
+                raise _refuse(CONFLICT, f"task {task.task_id} is not taken")
+            if task.assignee != actor.username and not is_manager:
+                raise _refuse(NOT_PERMITTED, "only the assignee or a manager may release a task")
+        elif action == "delegate":
+            if not inp.to_user:
+                raise _refuse(INVALID_DECISION, "to_user: required to delegate")
+            if not is_manager:
+                self._check_may_act(task, actor)
+            self._check_four_eyes(task, inp.to_user)
+        elif action == "reassign":
+            if not is_manager:
+                raise _refuse(NOT_PERMITTED, "only a manager may reassign a task")
+            if inp.to_user:
+                self._check_four_eyes(task, inp.to_user)
+        else:  # pragma: no cover - programming error
+            raise ValueError(action)
+        return task
+
+    def apply_action(self, action: str, inp: TaskActionInput, now: datetime) -> HumanTask:
+        task = self.validate_action(action, inp)
+        if action == "claim":
+            task.assignee = inp.actor.username
+        elif action == "release":
+            task.assignee = None
+        else:
+            task.assignee = inp.to_user
+        detail = f"to {inp.to_user or 'the pool'}" if action in ("delegate", "reassign") else ""
+        if inp.comment:
+            detail = f"{detail} - {inp.comment}".strip(" -")
+        task.history.append(
+            TaskEvent(at=now, actor=inp.actor.username, action=_PAST[action], detail=detail)
+        )
+        return task
+
+    # ----------------------------------------------------------------- timers
+    def next_due(self) -> Due | None:
+        best: Due | None = None
+        for t in self.open_tasks():
+            candidates: list[tuple[datetime | None, Literal["remind", "escalate", "deadline"]]] = [
+                (None if t.reminded else t.remind_at, "remind"),
+                (None if t.escalated else t.escalate_at, "escalate"),
+                (t.deadline_at, "deadline"),
+            ]
+            for when, kind in candidates:
+                if when is not None and (best is None or when < best[0]):
+                    best = (when, kind, t)
+        return best
+
+    def escalate(self, task: HumanTask, now: datetime) -> None:
+        task.escalated = True
+        role = task.escalation_role
+        if role and role not in task.candidate_roles:
+            task.candidate_roles.append(role)
+        task.history.append(
+            TaskEvent(at=now, actor=SYSTEM_ACTOR, action="escalated", detail=f"to {role}")
+        )
+
+    def remind(self, task: HumanTask, now: datetime) -> None:
+        task.reminded = True
+        task.history.append(TaskEvent(at=now, actor=SYSTEM_ACTOR, action="reminded"))

@@ -1,0 +1,148 @@
+"""What every process workflow needs around its human tasks, kept in one place:
+
+- the read-model projection (tasks, stage, audit) batched into one `project` activity per step;
+- the PendingRoles search attribute and the instance's current details kept current;
+- waiting for a condition while firing task timers (reminder, escalation, deadline);
+- "settling": an update handler that changed something waits until the main loop has acted on
+  it and is waiting again, so the caller's response already reflects the process's next state
+  (and the next task is already in the inbox).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.models import AuditRecord, ProjectionBatch, StageChange, TaskSnapshot
+    from core.temporal import PENDING_ROLES
+
+from workflows.human_task import HumanTask, TaskBoard
+
+
+class Stop(Exception):
+    """Ends a process early as business (rejected, cancelled, failed) - never a failed workflow."""
+
+    def __init__(self, stage: Any, reason: str) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+
+class ProcessRuntime:
+    def __init__(self, *, workflow_id: str, process_type: str, business_key: str,
+                 requester: str) -> None:
+        self.workflow_id = workflow_id
+        self.process_type = process_type
+        self.business_key = business_key
+        self.board = TaskBoard(workflow_id, requester)
+        self.batch = ProjectionBatch()
+        self.stage: StageChange | None = None
+        self.audit_log: list[AuditRecord] = []
+        self.revision = 0
+        self.done = False
+        self.waiting_for = ""
+        self._pending_roles: list[str] | None = None
+        self._events = 0  # changes made by handlers
+        self._settled = 0  # changes the main loop has acted upon
+
+    # ------------------------------------------------------------------ projection
+    def task_changed(self, task: HumanTask) -> None:
+        self.revision += 1
+        self.batch.tasks = [t for t in self.batch.tasks if t.task_id != task.task_id]
+        self.batch.tasks.append(
+            TaskSnapshot(
+                task_id=task.task_id,
+                workflow_id=self.workflow_id,
+                process_type=self.process_type,
+                business_key=self.business_key,
+                name=task.name,
+                kind=task.kind,
+                candidate_roles=list(task.candidate_roles),
+                assignee=task.assignee,
+                requester=task.requester,
+                outcomes=list(task.outcomes),
+                status=task.status,
+                outcome=task.outcome,
+                decided_by=task.decided_by,
+                due_at=task.escalate_at,
+                escalated=task.escalated,
+                created_at=task.created_at,
+                closed_at=task.closed_at,
+                revision=self.revision,
+            )
+        )
+
+    def audit(self, actor: str, action: str, comment: str = "",
+              details: dict[str, Any] | None = None, *, task_id: str | None = None) -> None:
+        entry = AuditRecord(
+            event_key=f"{self.workflow_id}:{len(self.audit_log) + 1}",
+            workflow_id=self.workflow_id,
+            task_id=task_id,
+            actor=actor,
+            action=action,
+            comment=comment,
+            details=details or {},
+            at=workflow.now(),
+        )
+        self.audit_log.append(entry)
+        self.batch.audit.append(entry)
+
+    async def flush(self) -> None:
+        """Write everything recorded since the last flush in one activity; update visibility."""
+        roles = self.board.pending_roles()
+        if roles != self._pending_roles:
+            self._pending_roles = roles
+            workflow.upsert_search_attributes([PENDING_ROLES.value_set(roles)])
+        batch, self.batch = self.batch, ProjectionBatch()
+        batch.stage, self.stage = self.stage, None
+        if batch.order is None and batch.stage is None and not batch.tasks and not batch.audit:
+            return
+        await workflow.execute_activity(
+            "project",
+            batch,
+            start_to_close_timeout=timedelta(seconds=30),
+            summary=f"record {len(batch.tasks)} task(s), {len(batch.audit)} audit entr(ies)"
+            + (f", stage {batch.stage.stage}" if batch.stage else ""),
+        )
+
+    # ------------------------------------------------------------------ waiting
+    async def wait(
+        self,
+        condition: Callable[[], bool],
+        describe: Callable[[], str],
+        on_timer: Callable[[str, HumanTask], Awaitable[None]],
+        interrupted: Callable[[], bool],
+    ) -> None:
+        while not condition() and not interrupted():
+            due = self.board.next_due()
+            workflow.set_current_details(describe())
+            self._settled = self._events
+            if due is not None:
+                delay = due[0] - workflow.now()
+                if delay <= timedelta(0):
+                    await on_timer(due[1], due[2])
+                    continue
+            seen = self._events
+            try:
+                await workflow.wait_condition(
+                    lambda seen=seen: condition() or interrupted() or self._events != seen,
+                    timeout=None if due is None else delay,
+                    timeout_summary=None if due is None else f"{due[1]} {due[2].name}",
+                )
+            except TimeoutError:
+                assert due is not None
+                await on_timer(due[1], due[2])
+
+    # ------------------------------------------------------------------ settling
+    def changed(self) -> int:
+        """A handler changed state; returns its ticket for `settled`."""
+        self._events += 1
+        return self._events
+
+    async def settled(self, ticket: int) -> None:
+        """Return once the main loop acted on the change `ticket` (or the process ended)."""
+        await workflow.wait_condition(lambda: self._settled >= ticket or self.done)
