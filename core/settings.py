@@ -15,7 +15,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROCFLOW_", env_file=".env", extra="ignore")
 
     # Temporal
-    temporal_address: str = Field("127.0.0.1:7233", description="host:port of the Temporal frontend")
+    temporal_address: str = Field(
+        "127.0.0.1:7233", description="host:port of the Temporal frontend"
+    )
     temporal_namespace: str = "default"
     task_queue: str = Field("procflow", description="task queue the workers poll")
     temporal_ui_url: str = "http://127.0.0.1:8233"

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -48,6 +49,7 @@ class ProcessRuntime:
         self._pending_roles: list[str] | None = None
         self._events = 0  # changes made by handlers
         self._settled = 0  # changes the main loop has acted upon
+        self._inflight = 0  # event handlers (signals) still running their activities
 
     # ------------------------------------------------------------------ projection
     def task_changed(self, task: HumanTask) -> None:
@@ -144,5 +146,19 @@ class ProcessRuntime:
         return self._events
 
     async def settled(self, ticket: int) -> None:
-        """Return once the main loop acted on the change `ticket` (or the process ended)."""
-        await workflow.wait_condition(lambda: self._settled >= ticket or self.done)
+        """Return once the main loop acted on the change `ticket` and on every event handler
+        running now (or the process ended)."""
+        await workflow.wait_condition(
+            lambda: (self._settled >= max(ticket, self._events) and self._inflight == 0)
+            or self.done
+        )
+
+    @contextlib.asynccontextmanager
+    async def event(self) -> AsyncIterator[None]:
+        """Wrap an event handler that does async work; the main loop looks again after it."""
+        self._inflight += 1
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            self.changed()

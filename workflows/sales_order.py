@@ -943,20 +943,20 @@ class SalesOrderWorkflow:
         if event.event_id in self.seen_payment_events or self.rt.done:
             return
         self.seen_payment_events.add(event.event_id)
-        key = f"incoming:{event.event_id}"
-        result = await workflow.execute_activity(
-            "record_incoming_payment",
-            IncomingPayment(event_id=event.event_id, order_no=self.inp.order_no,
-                            amount=event.amount, currency=self.inp.currency),
-            result_type=PaymentResult,
-            start_to_close_timeout=timedelta(seconds=30),
-            summary=f"record incoming payment {event.amount} {self.inp.currency}",
-        )
-        self.payments.append(PaymentView(key=key, kind="incoming", amount=event.amount,
-                                         provider_ref=result.provider_ref))
-        self.rt.audit("provider", "payment_received", f"{event.amount} {self.inp.currency}",
-                      {"event_id": event.event_id})
-        self.rt.changed()
+        async with self.rt.event():
+            key = f"incoming:{event.event_id}"
+            result = await workflow.execute_activity(
+                "record_incoming_payment",
+                IncomingPayment(event_id=event.event_id, order_no=self.inp.order_no,
+                                amount=event.amount, currency=self.inp.currency),
+                result_type=PaymentResult,
+                start_to_close_timeout=timedelta(seconds=30),
+                summary=f"record incoming payment {event.amount} {self.inp.currency}",
+            )
+            self.payments.append(PaymentView(key=key, kind="incoming", amount=event.amount,
+                                             provider_ref=result.provider_ref))
+            self.rt.audit("provider", "payment_received",
+                          f"{event.amount} {self.inp.currency}", {"event_id": event.event_id})
 
     def _refuse_if_ended(self) -> None:
         if self.rt.done or self.stage in TERMINAL_STAGES:

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from temporalio import activity
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from core.temporal import register_search_attributes
 from activities.models import (
     OUT_OF_STOCK,
     PAYMENT_DECLINED,
@@ -42,6 +41,7 @@ from activities.models import (
     StockRequest,
     StockResult,
 )
+from core.temporal import register_search_attributes
 from workflows.human_task import Actor
 from workflows.sales_order import (
     Customer,
@@ -173,12 +173,22 @@ class Harness:
     env: WorkflowEnvironment
     task_queue: str
     fakes: Fakes
+    started: list[WorkflowHandle] = field(default_factory=list)
 
     async def start(self, inp: SalesOrderInput) -> WorkflowHandle:
-        return await self.client.start_workflow(
+        handle = await self.client.start_workflow(
             SalesOrderWorkflow.run, inp, id=sales_order_workflow_id(inp.order_no),
             task_queue=self.task_queue,
         )
+        self.started.append(handle)
+        return handle
+
+    async def terminate_leftovers(self) -> None:
+        """An instance left running would hold the shared server's clock: end it."""
+        for handle in self.started:
+            desc = await handle.describe()
+            if desc.status == WorkflowExecutionStatus.RUNNING:
+                await handle.terminate("test ended")
 
 
 @pytest_asyncio.fixture
@@ -187,7 +197,11 @@ async def harness(ts_env: WorkflowEnvironment):
     task_queue = f"tq-{uuid.uuid4()}"
     async with Worker(ts_env.client, task_queue=task_queue, workflows=[SalesOrderWorkflow],
                       activities=fakes.activities()):
-        yield Harness(ts_env.client, ts_env, task_queue, fakes)
+        harness = Harness(ts_env.client, ts_env, task_queue, fakes)
+        try:
+            yield harness
+        finally:
+            await harness.terminate_leftovers()
 
 
 def order(amount: int | str = 100, *, order_no: str | None = None, requester: str = "alice",

@@ -8,7 +8,7 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
-from workflows.human_task import Actor, DecideInput
+from workflows.human_task import DecideInput
 from workflows.sales_order import SalesOrderWorkflow, Stage
 
 from .conftest import SD, VP, order
