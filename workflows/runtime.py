@@ -120,6 +120,9 @@ class ProcessRuntime:
         interrupted: Callable[[], bool],
     ) -> None:
         while not condition() and not interrupted():
+            await self.flush()  # the read model is current whenever the instance waits
+            if condition() or interrupted():
+                break
             due = self.board.next_due()
             workflow.set_current_details(describe())
             self._settled = self._events
@@ -152,6 +155,10 @@ class ProcessRuntime:
             lambda: (self._settled >= max(ticket, self._events) and self._inflight == 0)
             or self.done
         )
+
+    async def quiesce(self) -> None:
+        """Wait until no event handler is half-way (e.g. a payment being recorded)."""
+        await workflow.wait_condition(lambda: self._inflight == 0)
 
     @contextlib.asynccontextmanager
     async def event(self) -> AsyncIterator[None]:

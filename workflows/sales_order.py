@@ -3,7 +3,7 @@ invoice -> closed, with prepaid variants, installments, special changes and comp
 
 Public contract (used by the API): the models below, `sales_order_workflow_id`,
 `input_fingerprint`, and the handler names of `SalesOrderWorkflow`:
-updates `decide`, `claim`, `release`, `delegate`, `reassign`, `amend`, `cancel`;
+updates `settle`, `decide`, `claim`, `release`, `delegate`, `reassign`, `amend`, `cancel`;
 signal `payment_received`; query `status`.
 """
 
@@ -590,6 +590,7 @@ class SalesOrderWorkflow:
     # ================================================================== compensation and end
     async def _compensate(self) -> None:
         """Undo what the order did: withdraw open tasks, release stock, refund payments."""
+        await self.rt.quiesce()  # a payment being recorded right now is refunded too
         now = workflow.now()
         for t in self.rt.board.open_tasks():
             self.rt.board.close(t, WITHDRAWN, SYSTEM_ACTOR, now, comment="process ended")

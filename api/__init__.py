@@ -1,0 +1,1 @@
+"""HTTP API of procflow: starts, signals, updates and queries workflows; reads projections."""

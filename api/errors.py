@@ -1,0 +1,231 @@
+"""The one place that maps exceptions to HTTP responses.
+
+Error bodies are {"detail": "..."}; 422s keep FastAPI's list format with `loc` naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from temporalio.client import (
+    RPCError,
+    RPCTimeoutOrCancelledError,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.exceptions import ApplicationError, FailureError
+from temporalio.service import RPCStatusCode
+
+from api.schemas import ErrorOut
+from workflows.human_task import (
+    CONFLICT,
+    FOUR_EYES,
+    INVALID_DECISION,
+    NOT_PERMITTED,
+    TASK_CLOSED,
+    TASK_NOT_FOUND,
+)
+from workflows.sales_order import NOT_CANCELLABLE
+
+log = logging.getLogger("procflow.api")
+
+RETRY_AFTER_S = "5"
+PROCESS_ENDED = "the process has already ended"
+
+# ApplicationError.type raised by workflow validators/handlers -> HTTP status
+APPLICATION_ERROR_STATUS: dict[str, int] = {
+    TASK_NOT_FOUND: status.HTTP_404_NOT_FOUND,
+    TASK_CLOSED: status.HTTP_409_CONFLICT,
+    CONFLICT: status.HTTP_409_CONFLICT,
+    NOT_CANCELLABLE: status.HTTP_409_CONFLICT,
+    NOT_PERMITTED: status.HTTP_403_FORBIDDEN,
+    FOUR_EYES: status.HTTP_403_FORBIDDEN,
+    INVALID_DECISION: status.HTTP_422_UNPROCESSABLE_CONTENT,
+}
+
+_DESCRIPTIONS = {
+    401: "Missing, invalid or expired bearer token",
+    403: "The caller lacks a role or may not act on this item",
+    404: "No such item",
+    409: "Conflicts with the current state of the process",
+    422: "The request or decision is invalid; `loc` names the field",
+    503: "Temporal or the database is unreachable; retry after Retry-After seconds",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of the error responses of an endpoint."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"description": _DESCRIPTIONS[code]}
+        if code != 422:
+            entry["model"] = ErrorOut
+        out[code] = entry
+    return out
+
+
+class TemporalUnavailable(Exception):
+    """No connection to Temporal could be made (the app keeps trying on later requests)."""
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def field_error(field: str, msg: str, type_: str = "value_error") -> HTTPException:
+    """A 422 in FastAPI's list format for one body field."""
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        [{"type": type_, "loc": ["body", *field.split(".")], "msg": msg}],
+    )
+
+
+def _unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
+def is_process_ended(err: BaseException) -> bool:
+    """Temporal's answer to an update or signal sent to a closed workflow execution."""
+    return (
+        isinstance(err, RPCError)
+        and err.status == RPCStatusCode.NOT_FOUND
+        and "already completed" in err.message.lower()
+    )
+
+
+def is_not_found(err: BaseException) -> bool:
+    return (
+        isinstance(err, RPCError)
+        and err.status == RPCStatusCode.NOT_FOUND
+        and not is_process_ended(err)
+    )
+
+
+@contextmanager
+def not_found_as(detail: str) -> Iterator[None]:
+    """Turn Temporal's NOT_FOUND for an unknown workflow id into a 404 with detail."""
+    try:
+        yield
+    except RPCError as err:
+        if is_not_found(err):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail) from err
+        raise
+
+
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.S)
+
+
+def _application_error(err: ApplicationError) -> JSONResponse:
+    code = APPLICATION_ERROR_STATUS.get(err.type or "", status.HTTP_409_CONFLICT)
+    if code == status.HTTP_422_UNPROCESSABLE_CONTENT:
+        m = _FIELD_PREFIX.match(err.message)
+        loc = ["body", *m.group(1).split(".")] if m else ["body"]
+        msg = m.group(2) if m else err.message
+        return JSONResponse(
+            {"detail": [{"type": err.type, "loc": loc, "msg": msg}]}, status_code=code
+        )
+    return JSONResponse({"detail": err.message}, status_code=code)
+
+
+def _failure(err: BaseException) -> JSONResponse:
+    cause = err.cause if isinstance(err, WorkflowUpdateFailedError) else err
+    while isinstance(cause, FailureError) and not isinstance(cause, ApplicationError):
+        if cause.cause is None:
+            break
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        return _application_error(cause)
+    return JSONResponse({"detail": str(cause)}, status_code=status.HTTP_409_CONFLICT)
+
+
+def _rpc_error(err: RPCError) -> JSONResponse:
+    if is_process_ended(err):
+        return JSONResponse({"detail": PROCESS_ENDED}, status_code=status.HTTP_409_CONFLICT)
+    if err.status == RPCStatusCode.NOT_FOUND:
+        return JSONResponse(
+            {"detail": "process instance not found"}, status_code=status.HTTP_404_NOT_FOUND
+        )
+    if err.status in (
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.CANCELLED,
+    ):
+        return _unavailable(f"Temporal did not answer: {err.message}")
+    if err.status in (RPCStatusCode.ALREADY_EXISTS, RPCStatusCode.FAILED_PRECONDITION):
+        return JSONResponse({"detail": err.message}, status_code=status.HTTP_409_CONFLICT)
+    log.error("unexpected Temporal error %s: %s", err.status, err.message)
+    return JSONResponse(
+        {"detail": f"Temporal error: {err.message}"}, status_code=status.HTTP_502_BAD_GATEWAY
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers on app."""
+
+    @app.exception_handler(WorkflowUpdateFailedError)
+    async def _update_failed(_: Request, err: WorkflowUpdateFailedError) -> JSONResponse:
+        return _failure(err)
+
+    @app.exception_handler(ApplicationError)
+    async def _app_error(_: Request, err: ApplicationError) -> JSONResponse:
+        return _application_error(err)
+
+    @app.exception_handler(WorkflowQueryFailedError)
+    async def _query_failed(_: Request, err: WorkflowQueryFailedError) -> JSONResponse:
+        return JSONResponse({"detail": err.message}, status_code=status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(WorkflowQueryRejectedError)
+    async def _query_rejected(_: Request, err: WorkflowQueryRejectedError) -> JSONResponse:
+        return JSONResponse({"detail": PROCESS_ENDED}, status_code=status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(RPCError)
+    async def _rpc(_: Request, err: RPCError) -> JSONResponse:
+        return _rpc_error(err)
+
+    @app.exception_handler(RPCTimeoutOrCancelledError)
+    async def _rpc_timeout(_: Request, err: RPCTimeoutOrCancelledError) -> JSONResponse:
+        return _unavailable("Temporal did not answer in time")
+
+    @app.exception_handler(WorkflowUpdateRPCTimeoutOrCancelledError)
+    async def _update_timeout(
+        _: Request, err: WorkflowUpdateRPCTimeoutOrCancelledError
+    ) -> JSONResponse:
+        return _unavailable("the process did not answer in time (is a worker running?)")
+
+    @app.exception_handler(TemporalUnavailable)
+    async def _no_temporal(_: Request, err: TemporalUnavailable) -> JSONResponse:
+        return _unavailable(f"Temporal is unreachable: {err}")
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, err: OperationalError) -> JSONResponse:
+        log.warning("database error: %s", err)
+        return _unavailable("the database is unavailable")
+
+    @app.exception_handler(InterfaceError)
+    async def _db_iface(_: Request, err: InterfaceError) -> JSONResponse:
+        log.warning("database error: %s", err)
+        return _unavailable("the database is unavailable")
+
+    @app.exception_handler(ConnectionError)
+    async def _conn(_: Request, err: ConnectionError) -> JSONResponse:
+        return _unavailable(f"a backend is unreachable: {err}")
+
+    @app.exception_handler(TimeoutError)
+    async def _timeout(_: Request, err: TimeoutError) -> JSONResponse:
+        return _unavailable("a backend did not answer in time")

@@ -1,0 +1,194 @@
+"""Request and response bodies of the API that are not workflow models themselves.
+
+Request bodies forbid unknown fields: the acting user always comes from the credentials, so
+an `actor`, `requester` or `status` field in a body is a 422.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workflows.human_task import Actor
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+# ------------------------------------------------------------------------------ errors
+class ErrorOut(BaseModel):
+    detail: str
+
+
+# ------------------------------------------------------------------------------ auth
+class Principal(BaseModel):
+    """The authenticated caller; roles come from the users table, not from the token."""
+
+    username: str
+    display_name: str
+    email: str
+    roles: list[str]
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(username=self.username, roles=list(self.roles))
+
+    @property
+    def requester_only(self) -> bool:
+        """True for a user whose only role is requester: they see only their own records."""
+        return set(self.roles) <= {"requester"}
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int = Field(description="seconds until the token expires")
+    roles: list[str]
+
+
+# ------------------------------------------------------------------------------ orders
+class AmendBody(Body):
+    description: str = Field(min_length=1, max_length=2000, description="what changes")
+
+
+class CancelBody(Body):
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class PaymentBody(Body):
+    event_id: str = Field(min_length=1, max_length=200, description="provider's event id")
+    amount: Decimal = Field(gt=0)
+
+
+class Accepted(BaseModel):
+    accepted: bool = True
+
+
+class OrderSummary(BaseModel):
+    """One order from the read model."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    order_no: str
+    workflow_id: str
+    customer_id: str
+    customer_name: str
+    requester: str
+    variant: str
+    currency: str
+    amount: Decimal
+    amount_due: Decimal
+    special_change: bool
+    stage: str
+    policy_version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderPage(BaseModel):
+    items: list[OrderSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class OrderSearchHit(BaseModel):
+    """One order as Temporal visibility reports it (eventually consistent)."""
+
+    workflow_id: str
+    order_no: str
+    stage: str | None
+    customer_id: str | None
+    amount: float | None
+    status: str | None = Field(description="execution status: RUNNING, COMPLETED, ...")
+
+
+class OrderSearchPage(BaseModel):
+    items: list[OrderSearchHit]
+    query: str = Field(description="the visibility query that was run")
+    limit: int
+    offset: int
+
+
+# ------------------------------------------------------------------------------ tasks
+class DecisionBody(Body):
+    outcome: str = Field(min_length=1, max_length=32)
+    comment: str = Field("", max_length=4000)
+    fields: dict[str, str] = Field(default_factory=dict)
+
+
+class CommentBody(Body):
+    comment: str = Field("", max_length=4000)
+
+
+class DelegateBody(Body):
+    to_user: str = Field(min_length=1, max_length=64)
+    comment: str = Field("", max_length=4000)
+
+
+class ReassignBody(Body):
+    to_user: str | None = Field(None, max_length=64, description="null puts it back in the pool")
+    comment: str = Field("", max_length=4000)
+
+
+class TaskOut(BaseModel):
+    """A human task from the read model."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    task_id: str
+    workflow_id: str
+    process_type: str
+    business_key: str
+    name: str
+    kind: str
+    candidate_roles: list[str]
+    assignee: str | None
+    requester: str
+    outcomes: list[str]
+    status: str
+    outcome: str | None
+    decided_by: str | None
+    due_at: datetime | None
+    escalated: bool
+    created_at: datetime
+    closed_at: datetime | None
+    taken: bool = Field(False, description="assigned to someone other than the caller")
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    total: int
+    limit: int
+    offset: int
+
+
+# ------------------------------------------------------------------------------ policies
+class PolicyOut(BaseModel):
+    process_type: str
+    version: int = Field(description="0: built-in defaults, nothing published yet")
+    document: dict[str, Any]
+    published_by: str | None = None
+    published_at: datetime | None = None
+    note: str = ""
+
+
+class PublishPolicyBody(Body):
+    document: dict[str, Any]
+    note: str = Field("", max_length=2000)
+
+
+class PublishedPolicy(BaseModel):
+    process_type: str
+    version: int
+
+
+# ------------------------------------------------------------------------------ health
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: Literal["ok", "unavailable"] | None = None
+    temporal: Literal["ok", "unavailable"] | None = None
