@@ -6,6 +6,9 @@ fake enforces idempotency keys and declines like the real provider does.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import sys
 import uuid
@@ -41,7 +44,7 @@ from activities.models import (
     StockRequest,
     StockResult,
 )
-from core.temporal import register_search_attributes
+from core.temporal import SEARCH_ATTRIBUTES, register_search_attributes
 from workflows.human_task import Actor
 from workflows.sales_order import (
     Customer,
@@ -61,11 +64,24 @@ def _binary(name: str) -> str:
 
 @pytest_asyncio.fixture(scope="session")
 async def ts_env():
-    env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter,
-        test_server_existing_path=_binary("temporal-test-server"),
-    )
-    await register_search_attributes(env.client, check_existing=False)
+    """The time-skipping server; the dev server when recording histories, because histories
+    with updates written by the time-skipping server do not replay (its update events differ)."""
+    if os.environ.get("PROCFLOW_RECORD_HISTORIES"):
+        args = []
+        for name, type_ in SEARCH_ATTRIBUTES.items():
+            args += ["--search-attribute", f"{name}={type_}"]
+        env = await WorkflowEnvironment.start_local(
+            data_converter=pydantic_data_converter,
+            dev_server_existing_path=_binary("temporal"),
+            dev_server_extra_args=args,
+            ui=False,
+        )
+    else:
+        env = await WorkflowEnvironment.start_time_skipping(
+            data_converter=pydantic_data_converter,
+            test_server_existing_path=_binary("temporal-test-server"),
+        )
+        await register_search_attributes(env.client, check_existing=False)
     try:
         yield env
     finally:
@@ -183,6 +199,17 @@ class Harness:
         self.started.append(handle)
         return handle
 
+    async def record_histories(self, test_name: str, directory: str) -> None:
+        """Save each instance's history for the replay tests (PROCFLOW_RECORD_HISTORIES=dir)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, handle in enumerate(self.started):
+            history = await handle.fetch_history()
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)
+            document = {"workflow_id": history.workflow_id,
+                        "history": json.loads(history.to_json())}
+            (out / f"sales_order__{name}__{i}.json").write_text(json.dumps(document))
+
     async def terminate_leftovers(self) -> None:
         """An instance left running would hold the shared server's clock: end it."""
         for handle in self.started:
@@ -192,7 +219,7 @@ class Harness:
 
 
 @pytest_asyncio.fixture
-async def harness(ts_env: WorkflowEnvironment):
+async def harness(ts_env: WorkflowEnvironment, request):
     fakes = Fakes()
     task_queue = f"tq-{uuid.uuid4()}"
     async with Worker(ts_env.client, task_queue=task_queue, workflows=[SalesOrderWorkflow],
@@ -200,6 +227,9 @@ async def harness(ts_env: WorkflowEnvironment):
         harness = Harness(ts_env.client, ts_env, task_queue, fakes)
         try:
             yield harness
+            if os.environ.get("PROCFLOW_RECORD_HISTORIES"):
+                await harness.record_histories(request.node.name,
+                                               os.environ["PROCFLOW_RECORD_HISTORIES"])
         finally:
             await harness.terminate_leftovers()
 

@@ -1,0 +1,40 @@
+"""Every recorded history under tests/histories/ replays against today's workflow code.
+
+A change that running instances depend on must keep these passing (guard it with
+`workflow.patched()`). Record new histories with:
+
+    PROCFLOW_RECORD_HISTORIES=tests/histories make test PYTEST_ARGS="tests/workflows -k <name>"
+
+Recording runs the workflow tests on the dev server (real time): pick tests that wait for no
+timer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from workflows.sales_order import SalesOrderWorkflow
+
+HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
+
+
+def test_histories_are_recorded_for_the_main_paths():
+    names = " ".join(p.name for p in HISTORIES)
+    for path in ("1200000", "rejection", "prepaid", "special_change", "out_of_stock",
+                 "cancel", "k_of_n", "claim_release"):
+        assert path in names, f"no recorded history for {path}"
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
+async def test_recorded_history_replays(path: Path):
+    document = json.loads(path.read_text())
+    # the workflow id matters: task ids and idempotency keys are derived from it
+    history = WorkflowHistory.from_json(document["workflow_id"], document["history"])
+    replayer = Replayer(workflows=[SalesOrderWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
