@@ -125,7 +125,7 @@ class PaymentEvent(BaseModel):
     """An incoming payment reported by the provider; redelivery of an event_id changes nothing."""
 
     event_id: str = Field(min_length=1, max_length=200)
-    amount: Decimal = Field(gt=0)
+    amount: Decimal = Field(gt=0, max_digits=16, decimal_places=2)
 
 
 class AmendInput(BaseModel):
@@ -230,10 +230,12 @@ def input_fingerprint(inp: SalesOrderInput) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _money(value: Decimal) -> Decimal:
+    return value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+
+
 def amount_of(lines: list[OrderLine]) -> Decimal:
-    return sum((line.quantity * line.unit_price for line in lines), Decimal(0)).quantize(
-        Decimal("0.01"), rounding=ROUND_HALF_UP
-    )
+    return _money(sum((line.quantity * line.unit_price for line in lines), Decimal(0)))
 
 
 with workflow.unsafe.imports_passed_through():
@@ -766,10 +768,10 @@ class SalesOrderWorkflow:
         return shares[index]
 
     def _paid(self) -> Decimal:
-        return sum((p.amount for p in self.payments if p.kind != "refund"), Decimal(0))
+        return _money(sum((p.amount for p in self.payments if p.kind != "refund"), Decimal(0)))
 
     def _refunded(self) -> Decimal:
-        return sum((p.amount for p in self.payments if p.kind == "refund"), Decimal(0))
+        return _money(sum((p.amount for p in self.payments if p.kind == "refund"), Decimal(0)))
 
     def _line_records(self) -> list[OrderLineRecord]:
         return [
