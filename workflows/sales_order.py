@@ -844,10 +844,14 @@ class SalesOrderWorkflow:
         self.rt.task_changed(task)
         self.rt.audit(inp.actor.username, action, inp.comment,
                       {"to_user": inp.to_user} if inp.to_user else {}, task_id=task.task_id)
-        self.rt.changed()
+        ticket = self.rt.changed()
         if action in ("delegate", "reassign") and task.assignee:
             await self._notify_candidates([task], f"Task assigned to you: {task.name}")
         await self.rt.flush()
+        # Since 2026-11: a claim or delegation answers once the instance is waiting again, so
+        # the caller sees a stable state. Instances started before keep answering at once.
+        if workflow.patched("task-action-settles"):
+            await self.rt.settled(ticket)
         return _view(task)
 
     @workflow.update
