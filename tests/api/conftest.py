@@ -5,14 +5,9 @@ and the app driven by httpx through ASGITransport inside its lifespan.
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import socket
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,42 +15,19 @@ import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from core.db import make_engine, make_session_factory
 from core.settings import Settings
-from core.temporal import AMOUNT, CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, STAGE
 from scripts.mailsink import MailSink
-from scripts.migrate import upgrade
 from scripts.seed import DEMO_PASSWORD, seed
-
-
-def _binary(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    assert found, f"{name} not installed (pip install -e '.[test]')"
-    return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port
 
 
 @pytest_asyncio.fixture(scope="session")
-async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=_binary("temporal"),
-        search_attributes=[PROCESS_TYPE, STAGE, CUSTOMER_ID, AMOUNT, PENDING_ROLES],
-        data_converter=pydantic_data_converter,
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
+async def temporal_env(dev_env: WorkflowEnvironment) -> WorkflowEnvironment:
+    return dev_env
 
 
 @pytest.fixture
@@ -69,39 +41,19 @@ def task_queue() -> str:
 
 
 @pytest_asyncio.fixture
-async def db_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'procflow.db'}"
-    await asyncio.to_thread(upgrade, url)  # alembic's env.py runs its own event loop
-    engine = make_engine(url)
+async def db_url(db_url: str) -> str:
+    """The migrated database of tests/conftest.py, seeded with the demo users and stock."""
+    engine = make_engine(db_url)
     try:
         await seed(make_session_factory(engine))
     finally:
         await engine.dispose()
-    return url
-
-
-@pytest_asyncio.fixture
-async def sessions(db_url: str) -> AsyncIterator[async_sessionmaker]:
-    engine = make_engine(db_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        await engine.dispose()
+    return db_url
 
 
 @pytest.fixture
 def settings(db_url: str, task_queue: str) -> Settings:
     return Settings(database_url=db_url, task_queue=task_queue, update_wait_s=20.0)
-
-
-@pytest.fixture
-def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
-    sink = MailSink("127.0.0.1", free_port(), tmp_path / "mail")
-    sink.start()
-    try:
-        yield sink
-    finally:
-        sink.stop()
 
 
 @pytest_asyncio.fixture

@@ -1,13 +1,10 @@
-"""Integration fixtures: the real Temporal dev server, a migrated SQLite database, a real SMTP
-server on loopback and the worker as a separate OS process that tests may kill."""
+"""Integration fixtures: the worker as a separate OS process that tests may kill (dev server,
+database and SMTP server come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -15,69 +12,23 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from core.db import make_engine, make_session_factory
-from core.temporal import SEARCH_ATTRIBUTES
-from scripts.mailsink import MailSink
-from scripts.migrate import upgrade
 from scripts.seed import seed
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def binary(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    assert found, f"{name} is not installed (pip install -e '.[test]')"
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest_asyncio.fixture(scope="session")
-async def dev_env():
-    args = []
-    for name, type_ in SEARCH_ATTRIBUTES.items():
-        args += ["--search-attribute", f"{name}={type_}"]
-    env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
-        dev_server_existing_path=binary("temporal"),
-        dev_server_extra_args=args,
-        ui=False,
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
-
-
 @pytest_asyncio.fixture
-async def database(tmp_path):
-    url = f"sqlite+aiosqlite:///{tmp_path}/records.db"
-    await asyncio.to_thread(upgrade, url)
-    engine = make_engine(url)
+async def database(db_url):
+    """The migrated database, seeded, with its session factory."""
+    engine = make_engine(db_url)
     factory = make_session_factory(engine)
     await seed(factory)
     try:
-        yield url, factory
+        yield db_url, factory
     finally:
         await engine.dispose()
-
-
-@pytest.fixture
-def mail_sink():
-    sink = MailSink("127.0.0.1", free_port())
-    sink.start()
-    try:
-        yield sink
-    finally:
-        sink.stop()
 
 
 class WorkerProcess:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -45,6 +43,7 @@ from activities.models import (
     StockResult,
 )
 from core.temporal import SEARCH_ATTRIBUTES, register_search_attributes
+from tests.support import binary
 from workflows.human_task import Actor
 from workflows.sales_order import (
     Customer,
@@ -53,13 +52,6 @@ from workflows.sales_order import (
     SalesOrderWorkflow,
     sales_order_workflow_id,
 )
-
-
-def _binary(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    assert found, f"{name} not installed (pip install -e '.[test]')"
-    return found
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -72,14 +64,14 @@ async def ts_env():
             args += ["--search-attribute", f"{name}={type_}"]
         env = await WorkflowEnvironment.start_local(
             data_converter=pydantic_data_converter,
-            dev_server_existing_path=_binary("temporal"),
+            dev_server_existing_path=binary("temporal"),
             dev_server_extra_args=args,
             ui=False,
         )
     else:
         env = await WorkflowEnvironment.start_time_skipping(
             data_converter=pydantic_data_converter,
-            test_server_existing_path=_binary("temporal-test-server"),
+            test_server_existing_path=binary("temporal-test-server"),
         )
         await register_search_attributes(env.client, check_existing=False)
     try:

@@ -1,0 +1,62 @@
+"""Fixtures shared by every test folder: the Temporal dev server (one per session), a SQLite
+database migrated by Alembic, and a real SMTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from core.db import make_engine, make_session_factory
+from core.temporal import AMOUNT, CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, STAGE
+from scripts.mailsink import MailSink
+from scripts.migrate import upgrade
+from tests.support import binary, free_port
+
+
+@pytest_asyncio.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The real Temporal dev server with this project's search attributes."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=binary("temporal"),
+        search_attributes=[PROCESS_TYPE, STAGE, CUSTOMER_ID, AMOUNT, PENDING_ROLES],
+        data_converter=pydantic_data_converter,
+        ui=False,
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest_asyncio.fixture
+async def db_url(tmp_path: Path) -> str:
+    """A fresh SQLite file at the newest migration."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'procflow.db'}"
+    await asyncio.to_thread(upgrade, url)  # alembic's env.py runs its own event loop
+    return url
+
+
+@pytest_asyncio.fixture
+async def sessions(db_url: str) -> AsyncIterator[async_sessionmaker]:
+    engine = make_engine(db_url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
+    sink = MailSink("127.0.0.1", free_port(), tmp_path / "mail")
+    sink.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
