@@ -113,3 +113,19 @@ async def test_prepaid_order_skips_approval_chain(harness):
     assert result.stage == Stage.CLOSED
     assert harness.fakes.charges == {}  # nothing captured: the customer paid in advance
     assert (await h.query(SalesOrderWorkflow.status)).decisions[0].outcome == "paid"
+
+
+async def test_current_details_tell_operators_what_the_instance_waits_for(harness):
+    from temporalio.api.sdk.v1 import WorkflowMetadata
+
+    h = await harness.start(order(600_000))
+    [task] = (await h.execute_update(SalesOrderWorkflow.settle)).pending_tasks
+    meta = await h.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    details = meta.current_details
+    assert "vice-president approval" in details
+    assert task.task_id in details and "roles vice-president may act" in details
+    assert "open since" in details
+    # activities carry readable summaries too
+    summaries = [e.user_metadata.summary.data async for e in h.fetch_history_events()
+                 if e.HasField("activity_task_scheduled_event_attributes")]
+    assert any(b"load the current sales order policy" in s for s in summaries)
