@@ -1,7 +1,7 @@
 # procflow developer entry points.
 #   make run    the whole stack on this machine (Temporal dev server, worker, API, mail sink)
 #   make test   the test suite (PYTEST_ARGS="-k name -x" to narrow it)
-#   make lint   ruff lint + format check
+#   make lint   ruff lint + format check + mypy (pydantic plugin)
 # The virtualenv is created on first use and reinstalled only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -29,6 +29,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy core workflows activities api worker.py scripts
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

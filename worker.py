@@ -83,8 +83,9 @@ async def main(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    logging.info("worker polling task queue %s on %s", settings.task_queue,
-                 settings.temporal_address)
+    logging.info(
+        "worker polling task queue %s on %s", settings.task_queue, settings.temporal_address
+    )
     async with worker:
         await stop.wait()
         logging.info("worker shutting down: finishing running activities")

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -32,33 +40,43 @@ async def connect(settings: Settings) -> Client:
     )
 
 
-async def register_search_attributes(client: Client, *, check_existing: bool = True) -> None:
-    """Register this project's search attributes where the server does not do it at start.
+class SearchAttributeConflict(Exception):
+    """A search attribute is registered with another type than this project needs."""
 
-    The time-skipping test server has no ListSearchAttributes: pass check_existing=False.
+
+def indexed_value_type(kind: str) -> IndexedValueType.ValueType:
+    """Map a CLI type name to the proto enum: KeywordList -> INDEXED_VALUE_TYPE_KEYWORD_LIST."""
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", kind).upper()
+    return IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{snake}")
+
+
+async def register_search_attributes(
+    client: Client, wanted: Mapping[str, str] = SEARCH_ATTRIBUTES, *, check_existing: bool = True
+) -> list[str]:
+    """Add the search attributes the server lacks; returns the names added.
+
+    A name registered with another type raises SearchAttributeConflict. The time-skipping test
+    server has no ListSearchAttributes: pass check_existing=False there.
     """
-    from temporalio.api.enums.v1 import IndexedValueType
-    from temporalio.api.operatorservice.v1 import (
-        AddSearchAttributesRequest,
-        ListSearchAttributesRequest,
-    )
-
-    existing: set[str] = set()
+    existing: Mapping[str, IndexedValueType.ValueType] = {}
     if check_existing:
-        resp = await client.operator_service.list_search_attributes(
+        listed = await client.operator_service.list_search_attributes(
             ListSearchAttributesRequest(namespace=client.namespace)
         )
-        existing = set(resp.custom_attributes)
-    missing = {
-        name: IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{_SNAKE[type_]}")
-        for name, type_ in SEARCH_ATTRIBUTES.items()
-        if name not in existing
-    }
+        existing = listed.custom_attributes
+    missing: dict[str, IndexedValueType.ValueType] = {}
+    for name, kind in wanted.items():
+        expected = indexed_value_type(kind)
+        have = existing.get(name)
+        if have is None:
+            missing[name] = expected
+        elif have != expected:
+            raise SearchAttributeConflict(
+                f"search attribute {name} is registered as {IndexedValueType.Name(have)}, "
+                f"expected {kind}"
+            )
     if missing:
         await client.operator_service.add_search_attributes(
             AddSearchAttributesRequest(namespace=client.namespace, search_attributes=missing)
         )
-
-
-_SNAKE = {"Keyword": "KEYWORD", "Double": "DOUBLE", "KeywordList": "KEYWORD_LIST",
-          "Int": "INT", "Text": "TEXT", "Bool": "BOOL", "Datetime": "DATETIME"}
+    return sorted(missing)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import signal
 import socket
@@ -38,14 +37,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import (
-    AddSearchAttributesRequest,
-    ListSearchAttributesRequest,
-)
-
 from core.settings import Settings
-from core.temporal import SEARCH_ATTRIBUTES, connect
+from core.temporal import (
+    SEARCH_ATTRIBUTES,
+    SearchAttributeConflict,
+    connect,
+    register_search_attributes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPORAL_READY_TIMEOUT_S = 60.0
@@ -316,12 +314,6 @@ def port_accepts(host: str, port: int) -> bool:
         return False
 
 
-def _indexed_value_type(kind: str) -> int:
-    """Map a CLI type name to the proto enum: KeywordList -> INDEXED_VALUE_TYPE_KEYWORD_LIST."""
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", kind).upper()
-    return IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{snake}")
-
-
 async def ensure_search_attributes(
     address: str, wanted: Mapping[str, str] = SEARCH_ATTRIBUTES
 ) -> list[str]:
@@ -329,28 +321,11 @@ async def ensure_search_attributes(
 
     Returns the names it added. A name registered with another type is an error.
     """
-    settings = Settings(temporal_address=address)
-    client = await connect(settings)
-    namespace = settings.temporal_namespace
-    listed = await client.operator_service.list_search_attributes(
-        ListSearchAttributesRequest(namespace=namespace)
-    )
-    missing: dict[str, int] = {}
-    for name, kind in wanted.items():
-        expected = _indexed_value_type(kind)
-        have = listed.custom_attributes.get(name)
-        if have is None:
-            missing[name] = expected
-        elif have != expected:
-            raise StackError(
-                f"search attribute {name} is registered as {IndexedValueType.Name(have)}, "
-                f"expected {kind}; use a fresh --data-dir or rename the attribute"
-            )
-    if missing:
-        await client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
-        )
-    return sorted(missing)
+    client = await connect(Settings(temporal_address=address))
+    try:
+        return await register_search_attributes(client, wanted)
+    except SearchAttributeConflict as err:
+        raise StackError(f"{err}; use a fresh --data-dir or rename the attribute") from None
 
 
 def temporal_ready(config: StackConfig, search_attributes: Mapping[str, str]) -> bool:

@@ -16,7 +16,7 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import WorkflowExecutionStatus
 
 from core.settings import Settings
-from core.temporal import SEARCH_ATTRIBUTES, connect
+from core.temporal import SEARCH_ATTRIBUTES, connect, indexed_value_type
 from scripts import run_stack
 from scripts.run_stack import Stack, StackConfig, StackError
 
@@ -210,7 +210,7 @@ def test_restarting_on_the_same_database_resumes_data_and_adds_new_search_attrib
             _registered_attributes_and_status(config.temporal_address, workflow_id)
         )
         for name, kind in SEARCH_ATTRIBUTES.items():
-            assert attributes.get(name) == run_stack._indexed_value_type(kind), name
+            assert attributes.get(name) == indexed_value_type(kind), name
         assert status == WorkflowExecutionStatus.RUNNING
 
         # A name already registered with another type is refused, not silently kept.

@@ -84,8 +84,8 @@ class HumanTask(BaseModel):
         return self.status == "open"
 
     def who_may_act(self) -> str:
-        return f"user {self.assignee}" if self.assignee else "roles " + ", ".join(
-            self.candidate_roles
+        return (
+            f"user {self.assignee}" if self.assignee else "roles " + ", ".join(self.candidate_roles)
         )
 
 
@@ -106,8 +106,12 @@ class TaskActionInput(BaseModel):
     comment: str = ""
 
 
-_PAST = {"claim": "claimed", "release": "released", "delegate": "delegated",
-         "reassign": "reassigned"}
+_PAST = {
+    "claim": "claimed",
+    "release": "released",
+    "delegate": "delegated",
+    "reassign": "reassigned",
+}
 
 Due = tuple[datetime, Literal["remind", "escalate", "deadline"], HumanTask]
 
@@ -215,8 +219,9 @@ class TaskBoard:
         for field in task.required_fields.get(inp.outcome, []):
             value = inp.comment if field == "comment" else inp.fields.get(field, "")
             if not value.strip():
-                raise _refuse(INVALID_DECISION, f"{field}: required when the outcome is "
-                              f"'{inp.outcome}'")
+                raise _refuse(
+                    INVALID_DECISION, f"{field}: required when the outcome is '{inp.outcome}'"
+                )
         return task
 
     def apply_decision(self, inp: DecideInput, now: datetime) -> HumanTask:

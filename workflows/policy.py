@@ -58,10 +58,16 @@ class SalesOrderPolicy(BaseModel):
 
     approval_tiers: list[ApprovalTier] = Field(
         default_factory=lambda: [
-            ApprovalTier(min_amount=Decimal(500_000), name="vice-president approval",
-                         roles=["vice-president"]),
-            ApprovalTier(min_amount=Decimal(1_000_000), name="sales director approval",
-                         roles=["sales-director"]),
+            ApprovalTier(
+                min_amount=Decimal(500_000),
+                name="vice-president approval",
+                roles=["vice-president"],
+            ),
+            ApprovalTier(
+                min_amount=Decimal(1_000_000),
+                name="sales director approval",
+                roles=["sales-director"],
+            ),
         ]
     )
     prepaid_exempt_from_approval: bool = True

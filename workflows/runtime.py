@@ -34,8 +34,9 @@ class Stop(Exception):
 
 
 class ProcessRuntime:
-    def __init__(self, *, workflow_id: str, process_type: str, business_key: str,
-                 requester: str) -> None:
+    def __init__(
+        self, *, workflow_id: str, process_type: str, business_key: str, requester: str
+    ) -> None:
         self.workflow_id = workflow_id
         self.process_type = process_type
         self.business_key = business_key
@@ -78,8 +79,15 @@ class ProcessRuntime:
             )
         )
 
-    def audit(self, actor: str, action: str, comment: str = "",
-              details: dict[str, Any] | None = None, *, task_id: str | None = None) -> None:
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        comment: str = "",
+        details: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+    ) -> None:
         entry = AuditRecord(
             event_key=f"{self.workflow_id}:{len(self.audit_log) + 1}",
             workflow_id=self.workflow_id,
@@ -132,9 +140,13 @@ class ProcessRuntime:
                     await on_timer(due[1], due[2])
                     continue
             seen = self._events
+
+            def woken(seen: int = seen) -> bool:
+                return condition() or interrupted() or self._events != seen
+
             try:
                 await workflow.wait_condition(
-                    lambda seen=seen: condition() or interrupted() or self._events != seen,
+                    woken,
                     timeout=None if due is None else delay,
                     timeout_summary=None if due is None else f"{due[1]} {due[2].name}",
                 )
@@ -152,8 +164,9 @@ class ProcessRuntime:
         """Return once the main loop acted on the change `ticket` and on every event handler
         running now (or the process ended)."""
         await workflow.wait_condition(
-            lambda: (self._settled >= max(ticket, self._events) and self._inflight == 0)
-            or self.done
+            lambda: (
+                (self._settled >= max(ticket, self._events) and self._inflight == 0) or self.done
+            )
         )
 
     async def quiesce(self) -> None:

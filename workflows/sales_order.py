@@ -460,8 +460,9 @@ class SalesOrderWorkflow:
         # close what the quorum made unnecessary (k-of-n, or a rejection in an all-of level)
         for t in tasks:
             if t.is_open:
-                self.rt.board.close(t, WITHDRAWN, SYSTEM_ACTOR, workflow.now(),
-                                    comment=f"level {outcome}")
+                self.rt.board.close(
+                    t, WITHDRAWN, SYSTEM_ACTOR, workflow.now(), comment=f"level {outcome}"
+                )
                 self.rt.task_changed(t)
         await self.rt.flush()
         return outcome
@@ -493,8 +494,12 @@ class SalesOrderWorkflow:
         self.payments.append(
             PaymentView(key=key, kind="charge", amount=amount, provider_ref=result.provider_ref)
         )
-        self.rt.audit(SYSTEM_ACTOR, "payment_captured", f"{amount} {self.inp.currency}",
-                      {"idempotency_key": key})
+        self.rt.audit(
+            SYSTEM_ACTOR,
+            "payment_captured",
+            f"{amount} {self.inp.currency}",
+            {"idempotency_key": key},
+        )
         await self._set_stage(Stage.PAID)
 
     async def _await_payment(self, needed: Decimal, what: str) -> None:
@@ -624,11 +629,19 @@ class SalesOrderWorkflow:
                 summary=f"refund {p.amount} {self.inp.currency}",
             )
             self.payments.append(
-                PaymentView(key=refund_key, kind="refund", amount=p.amount,
-                            provider_ref=result["provider_ref"])
+                PaymentView(
+                    key=refund_key,
+                    kind="refund",
+                    amount=p.amount,
+                    provider_ref=result["provider_ref"],
+                )
             )
-            self.rt.audit(SYSTEM_ACTOR, "payment_refunded", f"{p.amount} {self.inp.currency}",
-                          {"idempotency_key": refund_key})
+            self.rt.audit(
+                SYSTEM_ACTOR,
+                "payment_refunded",
+                f"{p.amount} {self.inp.currency}",
+                {"idempotency_key": refund_key},
+            )
 
     async def _finish(self, stage: Stage, reason: str) -> None:
         self.outcome_reason = reason
@@ -642,8 +655,7 @@ class SalesOrderWorkflow:
 
     def _cancel_reason(self) -> str:
         assert self.cancel_request is not None
-        return (f"cancelled by {self.cancel_request.actor.username}: "
-                f"{self.cancel_request.reason}")
+        return f"cancelled by {self.cancel_request.actor.username}: {self.cancel_request.reason}"
 
     # ================================================================== waiting and tasks
     async def _wait(self, condition, what: str) -> None:
@@ -659,8 +671,9 @@ class SalesOrderWorkflow:
             return "\n".join(lines)
 
         self.rt.waiting_for = what
-        await self.rt.wait(condition, describe, self._fire_timer,
-                           lambda: self.cancel_request is not None)
+        await self.rt.wait(
+            condition, describe, self._fire_timer, lambda: self.cancel_request is not None
+        )
         self._checkpoint()
 
     async def _fire_timer(self, kind: str, task: HumanTask) -> None:
@@ -671,8 +684,12 @@ class SalesOrderWorkflow:
             await self._notify_candidates([task], f"Reminder: {task.name} is waiting for you")
         elif kind == "escalate":
             self.rt.board.escalate(task, now)
-            self.rt.audit(SYSTEM_ACTOR, "escalated", f"{task.name} to {task.escalation_role}",
-                          task_id=task.task_id)
+            self.rt.audit(
+                SYSTEM_ACTOR,
+                "escalated",
+                f"{task.name} to {task.escalation_role}",
+                task_id=task.task_id,
+            )
             await self._notify(
                 f"escalate:{task.task_id}",
                 f"Escalated: {task.name} (order {self.inp.order_no}) is past its SLA",
@@ -685,8 +702,17 @@ class SalesOrderWorkflow:
         self.rt.task_changed(task)
         await self.rt.flush()
 
-    def _open_task(self, *, name: str, kind, roles: list[str], outcomes: list[str],
-                   timers: TaskTimers, required_fields=None, four_eyes: bool = True) -> HumanTask:
+    def _open_task(
+        self,
+        *,
+        name: str,
+        kind,
+        roles: list[str],
+        outcomes: list[str],
+        timers: TaskTimers,
+        required_fields=None,
+        four_eyes: bool = True,
+    ) -> HumanTask:
         task = self.rt.board.open(
             name=name,
             kind=kind,
@@ -727,8 +753,12 @@ class SalesOrderWorkflow:
         )
 
     async def _notify_customer(self, subject: str, body: str, key: str | None = None) -> None:
-        await self._notify(key or f"customer:{len(self.rt.audit_log)}", subject, body,
-                           to_emails=[self.inp.customer.email])
+        await self._notify(
+            key or f"customer:{len(self.rt.audit_log)}",
+            subject,
+            body,
+            to_emails=[self.inp.customer.email],
+        )
 
     async def _notify_candidates(self, tasks: list[HumanTask], subject: str) -> None:
         for t in tasks:
@@ -741,8 +771,9 @@ class SalesOrderWorkflow:
                 to_roles=[] if t.assignee else t.candidate_roles,
             )
 
-    async def _notify(self, key: str, subject: str, body: str, *, to_users=(), to_roles=(),
-                      to_emails=()) -> None:
+    async def _notify(
+        self, key: str, subject: str, body: str, *, to_users=(), to_roles=(), to_emails=()
+    ) -> None:
         await workflow.execute_activity(
             "notify",
             Notification(
@@ -775,8 +806,13 @@ class SalesOrderWorkflow:
 
     def _line_records(self) -> list[OrderLineRecord]:
         return [
-            OrderLineRecord(line_no=i + 1, sku=x.sku, description=x.description,
-                            quantity=x.quantity, unit_price=x.unit_price)
+            OrderLineRecord(
+                line_no=i + 1,
+                sku=x.sku,
+                description=x.description,
+                quantity=x.quantity,
+                unit_price=x.unit_price,
+            )
             for i, x in enumerate(self.inp.lines)
         ]
 
@@ -803,9 +839,14 @@ class SalesOrderWorkflow:
             waiting_for="" if self.rt.done else self.rt.waiting_for,
             pending_tasks=[_view(t) for t in board.open_tasks()],
             decisions=[
-                DecisionRecord(task_id=t.task_id, name=t.name, outcome=t.outcome or "",
-                               actor=t.decided_by or "", comment=t.comment,
-                               at=t.closed_at or t.created_at)
+                DecisionRecord(
+                    task_id=t.task_id,
+                    name=t.name,
+                    outcome=t.outcome or "",
+                    actor=t.decided_by or "",
+                    comment=t.comment,
+                    at=t.closed_at or t.created_at,
+                )
                 for t in board.tasks.values()
                 if not t.is_open
             ],
@@ -827,8 +868,13 @@ class SalesOrderWorkflow:
         """A person decides a task; returns the task and the order's stage after it."""
         task = self.rt.board.apply_decision(inp, workflow.now())
         self.rt.task_changed(task)
-        self.rt.audit(inp.actor.username, f"decided:{inp.outcome}", inp.comment,
-                      {"fields": inp.fields}, task_id=task.task_id)
+        self.rt.audit(
+            inp.actor.username,
+            f"decided:{inp.outcome}",
+            inp.comment,
+            {"fields": inp.fields},
+            task_id=task.task_id,
+        )
         ticket = self.rt.changed()
         await self.rt.flush()
         await self.rt.settled(ticket)
@@ -842,8 +888,13 @@ class SalesOrderWorkflow:
     async def _task_action(self, action: str, inp: TaskActionInput) -> TaskView:
         task = self.rt.board.apply_action(action, inp, workflow.now())
         self.rt.task_changed(task)
-        self.rt.audit(inp.actor.username, action, inp.comment,
-                      {"to_user": inp.to_user} if inp.to_user else {}, task_id=task.task_id)
+        self.rt.audit(
+            inp.actor.username,
+            action,
+            inp.comment,
+            {"to_user": inp.to_user} if inp.to_user else {},
+            task_id=task.task_id,
+        )
         ticket = self.rt.changed()
         if action in ("delegate", "reassign") and task.assignee:
             await self._notify_candidates([task], f"Task assigned to you: {task.name}")
@@ -907,9 +958,13 @@ class SalesOrderWorkflow:
             for role in self.policy.special_change_roles
         ]
         self.ack_tasks.extend(tasks)
-        self.rt.stage = StageChange(order_no=self.inp.order_no, stage=self.stage,
-                                    revision=len(self.stages), special_change=True,
-                                    at=workflow.now())
+        self.rt.stage = StageChange(
+            order_no=self.inp.order_no,
+            stage=self.stage,
+            revision=len(self.stages),
+            special_change=True,
+            at=workflow.now(),
+        )
         ticket = self.rt.changed()
         await self.rt.flush()
         await self._notify_candidates(
@@ -922,8 +977,11 @@ class SalesOrderWorkflow:
     def _validate_amend(self, inp: AmendInput) -> None:
         self._refuse_if_shipped("changed")
         if inp.actor.username != self.inp.requester and not AMEND_ROLES & set(inp.actor.roles):
-            raise ApplicationError("only the requester, sales or a manager may change an order",
-                                   type=NOT_PERMITTED, non_retryable=True)
+            raise ApplicationError(
+                "only the requester, sales or a manager may change an order",
+                type=NOT_PERMITTED,
+                non_retryable=True,
+            )
 
     @workflow.update
     async def cancel(self, inp: CancelInput) -> SalesOrderStatus:
@@ -938,11 +996,15 @@ class SalesOrderWorkflow:
     def _validate_cancel(self, inp: CancelInput) -> None:
         self._refuse_if_shipped("cancelled")
         if self.cancel_request is not None:
-            raise ApplicationError("the order is already being cancelled", type=CONFLICT,
-                                   non_retryable=True)
+            raise ApplicationError(
+                "the order is already being cancelled", type=CONFLICT, non_retryable=True
+            )
         if inp.actor.username != self.inp.requester and not CANCEL_ROLES & set(inp.actor.roles):
-            raise ApplicationError("only the requester or a manager may cancel an order",
-                                   type=NOT_PERMITTED, non_retryable=True)
+            raise ApplicationError(
+                "only the requester or a manager may cancel an order",
+                type=NOT_PERMITTED,
+                non_retryable=True,
+            )
 
     @workflow.signal(unfinished_policy=workflow.HandlerUnfinishedPolicy.ABANDON)
     async def payment_received(self, event: PaymentEvent) -> None:
@@ -954,33 +1016,59 @@ class SalesOrderWorkflow:
             key = f"incoming:{event.event_id}"
             result = await workflow.execute_activity(
                 "record_incoming_payment",
-                IncomingPayment(event_id=event.event_id, order_no=self.inp.order_no,
-                                amount=event.amount, currency=self.inp.currency),
+                IncomingPayment(
+                    event_id=event.event_id,
+                    order_no=self.inp.order_no,
+                    amount=event.amount,
+                    currency=self.inp.currency,
+                ),
                 result_type=PaymentResult,
                 start_to_close_timeout=timedelta(seconds=30),
                 summary=f"record incoming payment {event.amount} {self.inp.currency}",
             )
-            self.payments.append(PaymentView(key=key, kind="incoming", amount=event.amount,
-                                             provider_ref=result.provider_ref))
-            self.rt.audit("provider", "payment_received",
-                          f"{event.amount} {self.inp.currency}", {"event_id": event.event_id})
+            self.payments.append(
+                PaymentView(
+                    key=key, kind="incoming", amount=event.amount, provider_ref=result.provider_ref
+                )
+            )
+            self.rt.audit(
+                "provider",
+                "payment_received",
+                f"{event.amount} {self.inp.currency}",
+                {"event_id": event.event_id},
+            )
 
     def _refuse_if_ended(self) -> None:
         if self.rt.done or self.stage in TERMINAL_STAGES:
-            raise ApplicationError(f"the order has ended ({self.stage})", type=CONFLICT,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"the order has ended ({self.stage})", type=CONFLICT, non_retryable=True
+            )
 
     def _refuse_if_shipped(self, what: str) -> None:
         if self.stage in SHIPPED_OR_LATER or self.rt.done:
-            raise ApplicationError(f"the order is {self.stage} and can no longer be {what}",
-                                   type=NOT_CANCELLABLE, non_retryable=True)
+            raise ApplicationError(
+                f"the order is {self.stage} and can no longer be {what}",
+                type=NOT_CANCELLABLE,
+                non_retryable=True,
+            )
 
 
 def _view(t: HumanTask) -> TaskView:
     return TaskView(
-        task_id=t.task_id, name=t.name, kind=t.kind, candidate_roles=list(t.candidate_roles),
-        assignee=t.assignee, outcomes=list(t.outcomes), required_fields=t.required_fields,
-        status=t.status, outcome=t.outcome, decided_by=t.decided_by, comment=t.comment,
-        created_at=t.created_at, due_at=t.escalate_at, deadline_at=t.deadline_at,
-        escalated=t.escalated, history=list(t.history),
+        task_id=t.task_id,
+        name=t.name,
+        kind=t.kind,
+        candidate_roles=list(t.candidate_roles),
+        assignee=t.assignee,
+        outcomes=list(t.outcomes),
+        required_fields=t.required_fields,
+        status=t.status,
+        outcome=t.outcome,
+        decided_by=t.decided_by,
+        comment=t.comment,
+        created_at=t.created_at,
+        due_at=t.escalate_at,
+        deadline_at=t.deadline_at,
+        escalated=t.escalated,
+        history=list(t.history),
     )

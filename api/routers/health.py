@@ -38,9 +38,7 @@ async def readyz(request: Request, response: Response) -> Health:
         pass
     try:
         client = await request.app.state.temporal.get()
-        temporal_ok = await client.service_client.check_health(
-            timeout=timedelta(seconds=timeout)
-        )
+        temporal_ok = await client.service_client.check_health(timeout=timedelta(seconds=timeout))
     except (TemporalUnavailable, Exception):  # noqa: BLE001
         pass
     ok = db_ok and temporal_ok

@@ -264,9 +264,7 @@ async def search_orders(
     return OrderSearchPage(items=hits, query=query, limit=limit, offset=offset)
 
 
-@router.get(
-    "/{order_no}", response_model=SalesOrderStatus, responses=responses(401, 404, 503)
-)
+@router.get("/{order_no}", response_model=SalesOrderStatus, responses=responses(401, 404, 503))
 async def order_status(
     order_no: str, user: CurrentUser, client: TemporalDep, settings: SettingsDep
 ) -> SalesOrderStatus:

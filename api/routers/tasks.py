@@ -109,15 +109,24 @@ def _wait(settings: Settings) -> timedelta:
 
 
 async def _decide(
-    task_id: str, outcome: str, comment: str, fields: dict[str, str],
-    user: Principal, session, client: Client, settings: Settings,
+    task_id: str,
+    outcome: str,
+    comment: str,
+    fields: dict[str, str],
+    user: Principal,
+    session,
+    client: Client,
+    settings: Settings,
 ) -> DecideResult:
     row = await _task(session, task_id, user)
     with not_found_as(f"task {task_id} not found"):
         return await _handle(client, row).execute_update(
             SalesOrderWorkflow.decide,
             DecideInput(
-                task_id=task_id, outcome=outcome, comment=comment, fields=fields,
+                task_id=task_id,
+                outcome=outcome,
+                comment=comment,
+                fields=fields,
                 actor=user.actor,
             ),
             rpc_timeout=_wait(settings),
@@ -154,8 +163,14 @@ async def acknowledge(
 
 
 async def _action(
-    action: str, task_id: str, to_user: str | None, comment: str,
-    user: Principal, session, client: Client, settings: Settings,
+    action: str,
+    task_id: str,
+    to_user: str | None,
+    comment: str,
+    user: Principal,
+    session,
+    client: Client,
+    settings: Settings,
 ) -> TaskView:
     row = await _task(session, task_id, user)
     if to_user is not None:

@@ -129,7 +129,8 @@ async def live_api(app: FastAPI, worker: None) -> AsyncIterator[Api]:
 async def dead_temporal_api(db_url: str) -> AsyncIterator[Api]:
     """An app whose Temporal address is a closed port."""
     settings = Settings(
-        database_url=db_url, temporal_address=f"127.0.0.1:{free_port()}",
+        database_url=db_url,
+        temporal_address=f"127.0.0.1:{free_port()}",
         temporal_rpc_timeout_s=2.0,
     )
     async for a in _running(create_app(settings)):

@@ -66,25 +66,37 @@ async def test_missing_token_is_401_with_www_authenticate(api: Api):
         pytest.param(lambda s: _token(s, exp=None), id="no-exp"),
         pytest.param(
             lambda s: jwt.encode(
-                {"sub": "alice", "iat": datetime.now(UTC),
-                 "exp": datetime.now(UTC) + timedelta(minutes=5)},
-                "another-key-of-sufficient-length", "HS256",
+                {
+                    "sub": "alice",
+                    "iat": datetime.now(UTC),
+                    "exp": datetime.now(UTC) + timedelta(minutes=5),
+                },
+                "another-key-of-sufficient-length",
+                "HS256",
             ),
             id="other-key",
         ),
         pytest.param(
             lambda s: jwt.encode(
-                {"sub": "alice", "iat": datetime.now(UTC),
-                 "exp": datetime.now(UTC) + timedelta(minutes=5)},
-                None, "none",
+                {
+                    "sub": "alice",
+                    "iat": datetime.now(UTC),
+                    "exp": datetime.now(UTC) + timedelta(minutes=5),
+                },
+                None,
+                "none",
             ),
             id="alg-none",
         ),
         pytest.param(
             lambda s: jwt.encode(
-                {"sub": "alice", "iat": datetime.now(UTC),
-                 "exp": datetime.now(UTC) + timedelta(minutes=5)},
-                s.jwt_secret, "HS512",
+                {
+                    "sub": "alice",
+                    "iat": datetime.now(UTC),
+                    "exp": datetime.now(UTC) + timedelta(minutes=5),
+                },
+                s.jwt_secret,
+                "HS512",
             ),
             id="other-alg",
         ),

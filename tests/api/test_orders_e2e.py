@@ -67,18 +67,14 @@ async def test_requester_cannot_approve_her_own_order(live_api: Api):
 
     # her own task is not in her inbox, and deciding it is refused
     assert await _inbox(api, "vera", body["order_no"]) == []
-    refused = await api.post(
-        f"/tasks/{task_id}/decision", "vera", json={"outcome": "approved"}
-    )
+    refused = await api.post(f"/tasks/{task_id}/decision", "vera", json={"outcome": "approved"})
     assert refused.status_code == 403, refused.text
     assert "vera" in refused.json()["detail"]
     status = (await api.get(f"/orders/{body['order_no']}", "vera")).json()
     assert [t["task_id"] for t in status["pending_tasks"]] == [task_id]
     assert status["decisions"] == []
 
-    approved = await api.post(
-        f"/tasks/{task_id}/decision", "victor", json={"outcome": "approved"}
-    )
+    approved = await api.post(f"/tasks/{task_id}/decision", "victor", json={"outcome": "approved"})
     assert approved.status_code == 200, approved.text
     assert approved.json()["task"]["status"] == "closed"
     final = await _wait_for_stage(api, body["order_no"], "closed")
@@ -94,8 +90,9 @@ async def test_approval_chain_runs_to_closing_and_mails_the_customer(live_api: A
     vp_task = start.json()["pending_tasks"][0]["task_id"]
 
     # victor approves: the sales director's task is in diana's inbox when the response returns
-    r = await api.post(f"/tasks/{vp_task}/decision", "victor",
-                       json={"outcome": "approved", "comment": "fine"})
+    r = await api.post(
+        f"/tasks/{vp_task}/decision", "victor", json={"outcome": "approved", "comment": "fine"}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["task"]["decided_by"] == "victor"
     diana = await _inbox(api, "diana", order_no)
@@ -156,16 +153,16 @@ async def test_closed_task_of_a_running_order_is_409(live_api: Api):
 
 async def test_unknown_task_and_unknown_order_are_404(live_api: Api):
     api = live_api
-    r = await api.post(f"/tasks/nope-{uuid.uuid4().hex}/decision", "victor",
-                       json={"outcome": "approved"})
+    r = await api.post(
+        f"/tasks/nope-{uuid.uuid4().hex}/decision", "victor", json={"outcome": "approved"}
+    )
     assert r.status_code == 404
     r = await api.get(f"/tasks/nope-{uuid.uuid4().hex}", "victor")
     assert r.status_code == 404
     r = await api.get(f"/orders/NOPE{uuid.uuid4().hex[:8]}", "mike")
     assert r.status_code == 404
     assert "not found" in r.json()["detail"]
-    r = await api.post(f"/orders/NOPE{uuid.uuid4().hex[:8]}/cancel", "mike",
-                       json={"reason": "x"})
+    r = await api.post(f"/orders/NOPE{uuid.uuid4().hex[:8]}/cancel", "mike", json={"reason": "x"})
     assert r.status_code == 404
 
 
@@ -199,12 +196,14 @@ async def test_claim_delegate_and_inbox_of_taken_tasks(live_api: Api):
     assert [(t["task_id"], t["taken"]) for t in taken] == [(task_id, True)]
     assert (await api.post(f"/tasks/{task_id}/claim", "vera")).status_code == 409
 
-    r = await api.post(f"/tasks/{task_id}/delegate", "victor",
-                       json={"to_user": "nobody-here", "comment": "x"})
+    r = await api.post(
+        f"/tasks/{task_id}/delegate", "victor", json={"to_user": "nobody-here", "comment": "x"}
+    )
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["body", "to_user"]
-    r = await api.post(f"/tasks/{task_id}/delegate", "victor",
-                       json={"to_user": "alice", "comment": "x"})
+    r = await api.post(
+        f"/tasks/{task_id}/delegate", "victor", json={"to_user": "alice", "comment": "x"}
+    )
     assert r.status_code == 403  # alice requested the order: four eyes
     r = await api.post(f"/tasks/{task_id}/reassign", "victor", json={"to_user": "vera"})
     assert r.status_code == 403  # only managers reassign
@@ -218,8 +217,11 @@ async def test_cancel_and_payment_signal(live_api: Api):
     body = order_body(800_000)
     order_no = body["order_no"]
     assert (await api.post("/orders", "alice", json=body)).status_code == 201
-    r = await api.post(f"/orders/{order_no}/payments", "fiona",
-                       json={"event_id": f"ev-{order_no}", "amount": "10.00"})
+    r = await api.post(
+        f"/orders/{order_no}/payments",
+        "fiona",
+        json={"event_id": f"ev-{order_no}", "amount": "10.00"},
+    )
     assert r.status_code == 202, r.text
     assert r.json() == {"accepted": True}
     r = await api.post(f"/orders/{order_no}/cancel", "bob", json={"reason": "not mine"})
@@ -228,8 +230,9 @@ async def test_cancel_and_payment_signal(live_api: Api):
     assert r.status_code == 200, r.text
     assert r.json()["stage"] == "cancelled"
     # the instance has ended: signals and updates are 409
-    r = await api.post(f"/orders/{order_no}/payments", "fiona",
-                       json={"event_id": "ev-late", "amount": "1"})
+    r = await api.post(
+        f"/orders/{order_no}/payments", "fiona", json={"event_id": "ev-late", "amount": "1"}
+    )
     assert r.status_code == 409, r.text
     r = await api.post(f"/orders/{order_no}/amend", "mike", json={"description": "x"})
     assert r.status_code == 409, r.text
@@ -245,16 +248,16 @@ async def test_search_through_visibility(live_api: Api):
     hits: list[dict] = []
     deadline = time.monotonic() + 20
     while not hits and time.monotonic() < deadline:
-        r = await api.get("/orders/search", "mike",
-                          params={"customer_id": customer, "min_amount": 800000})
+        r = await api.get(
+            "/orders/search", "mike", params={"customer_id": customer, "min_amount": 800000}
+        )
         assert r.status_code == 200, r.text
         hits = r.json()["items"]
         await asyncio.sleep(0.5)
     assert [h["order_no"] for h in hits] == [body["order_no"]]
     assert hits[0]["amount"] == 900000.0
     assert hits[0]["status"] == "RUNNING"
-    r = await api.get("/orders/search", "mike",
-                      params={"customer_id": customer, "max_amount": 100})
+    r = await api.get("/orders/search", "mike", params={"customer_id": customer, "max_amount": 100})
     assert r.json()["items"] == []
     # quotes in values are escaped, not injected
     r = await api.get("/orders/search", "mike", params={"customer_id": "x' OR Stage != '"})

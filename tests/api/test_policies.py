@@ -38,8 +38,11 @@ async def test_invalid_policy_is_422_with_document_locations(api: Api):
     r = await api.post("/policies/sales_order", "ada", json={"document": doc})
     assert r.status_code == 422, r.text
     fields = {e["field"] for e in r.json()["detail"]}
-    assert {"document.approval_tiers.0.min_amount", "document.approval_tiers.0.roles",
-            "document.bogus"} <= fields
+    assert {
+        "document.approval_tiers.0.min_amount",
+        "document.approval_tiers.0.roles",
+        "document.bogus",
+    } <= fields
     for e in r.json()["detail"]:
         assert e["loc"][:2] == ["body", "document"]
     # nothing was stored

@@ -56,13 +56,17 @@ async def test_prepaid_order_waits_for_the_reported_payment(live_api: Api):
     assert status["stage"] == "awaiting_payment"
     assert status["pending_tasks"][0]["kind"] == "payment"
     # only finance may report payments; the amount must be positive
-    assert (await api.post(f"/orders/{no}/payments", "alice",
-                           json={"event_id": "e1", "amount": "2000000"})).status_code == 403
+    assert (
+        await api.post(
+            f"/orders/{no}/payments", "alice", json={"event_id": "e1", "amount": "2000000"}
+        )
+    ).status_code == 403
     bad = await api.post(f"/orders/{no}/payments", "fiona", json={"event_id": "e1", "amount": 0})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "amount"
     for _ in range(2):  # the provider redelivers the same event
-        r = await api.post(f"/orders/{no}/payments", "fiona",
-                           json={"event_id": "e1", "amount": "2000000"})
+        r = await api.post(
+            f"/orders/{no}/payments", "fiona", json={"event_id": "e1", "amount": "2000000"}
+        )
         assert r.status_code == 202
     from tests.api.test_orders_e2e import _wait_for_stage
 

@@ -41,8 +41,11 @@ class WorkerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "worker.py"], cwd=ROOT, env=self.env,
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            [sys.executable, "worker.py"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
 
     def kill(self) -> None:
@@ -63,13 +66,15 @@ class WorkerProcess:
 def worker_process(dev_env, database, mail_sink, tmp_path):
     url, _ = database
     env = dict(os.environ)
-    env.update({
-        "PROCFLOW_TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
-        "PROCFLOW_TASK_QUEUE": f"it-{uuid.uuid4()}",
-        "PROCFLOW_DATABASE_URL": url,
-        "PROCFLOW_SMTP_HOST": "127.0.0.1",
-        "PROCFLOW_SMTP_PORT": str(mail_sink.port),
-    })
+    env.update(
+        {
+            "PROCFLOW_TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
+            "PROCFLOW_TASK_QUEUE": f"it-{uuid.uuid4()}",
+            "PROCFLOW_DATABASE_URL": url,
+            "PROCFLOW_SMTP_HOST": "127.0.0.1",
+            "PROCFLOW_SMTP_PORT": str(mail_sink.port),
+        }
+    )
     worker = WorkerProcess(env, tmp_path / "worker.log")
     worker.start()
     try:

@@ -25,39 +25,63 @@ async def test_order_completes_after_worker_is_killed_and_restarted(
     client = dev_env.client
     inp = SalesOrderInput(
         order_no="R-1001",
-        customer=Customer(id="CUST-7", company_name="Globex", contact_phone="+40 21 555 0101",
-                          email="orders@globex.example"),
+        customer=Customer(
+            id="CUST-7",
+            company_name="Globex",
+            contact_phone="+40 21 555 0101",
+            email="orders@globex.example",
+        ),
         lines=[OrderLine(sku="SKU-PRINTER", quantity=Decimal(4), unit_price=Decimal(300_000))],
         requester="alice",
     )
     handle = await client.start_workflow(
-        SalesOrderWorkflow.run, inp, id=sales_order_workflow_id(inp.order_no),
+        SalesOrderWorkflow.run,
+        inp,
+        id=sales_order_workflow_id(inp.order_no),
         task_queue=worker_process.env["PROCFLOW_TASK_QUEUE"],
     )
     status = await handle.execute_update(SalesOrderWorkflow.settle)
     [vp_task] = status.pending_tasks
-    await handle.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=vp_task.task_id, outcome="approved",
-        actor=Actor(username="victor", roles=["vice-president"])))
+    await handle.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(
+            task_id=vp_task.task_id,
+            outcome="approved",
+            actor=Actor(username="victor", roles=["vice-president"]),
+        ),
+    )
 
     # the read model already shows the sales director's task, then the worker dies
     async with sessions() as s:
-        open_roles = (await s.execute(
-            select(TaskRow.candidate_roles).where(TaskRow.status == "open"))).scalars().all()
+        open_roles = (
+            (await s.execute(select(TaskRow.candidate_roles).where(TaskRow.status == "open")))
+            .scalars()
+            .all()
+        )
     assert open_roles == [["sales-director"]]
     worker_process.kill()
     worker_process.start()
 
     [sd_task] = (await handle.query(SalesOrderWorkflow.status)).pending_tasks
-    await handle.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=sd_task.task_id, outcome="approved",
-        actor=Actor(username="diana", roles=["sales-director"])))
+    await handle.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(
+            task_id=sd_task.task_id,
+            outcome="approved",
+            actor=Actor(username="diana", roles=["sales-director"]),
+        ),
+    )
     result = await handle.result()
     assert result.stage == Stage.CLOSED
 
     async with sessions() as s:
-        charges = (await s.execute(select(func.count()).select_from(LedgerEntry).where(
-            LedgerEntry.order_no == "R-1001", LedgerEntry.kind == "charge"))).scalar_one()
+        charges = (
+            await s.execute(
+                select(func.count())
+                .select_from(LedgerEntry)
+                .where(LedgerEntry.order_no == "R-1001", LedgerEntry.kind == "charge")
+            )
+        ).scalar_one()
         order = await s.get(Order, "R-1001")
     assert charges == 1
     assert order is not None and order.stage == "closed"

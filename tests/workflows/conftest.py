@@ -102,8 +102,7 @@ class Fakes:
 
         @activity.defn(name="load_policy")
         async def load_policy(req: PolicyRequest) -> PolicyDocument:
-            return f.policy or PolicyDocument(process_type=req.process_type, version=0,
-                                              document={})
+            return f.policy or PolicyDocument(process_type=req.process_type, version=0, document={})
 
         @activity.defn(name="project")
         async def project(batch: ProjectionBatch) -> None:
@@ -118,37 +117,48 @@ class Fakes:
         async def capture_payment(req: PaymentRequest) -> PaymentResult:
             f.charge_calls += 1
             if req.customer_id in f.declined_customers:
-                raise ApplicationError("card declined", type=PAYMENT_DECLINED,
-                                       non_retryable=True)
+                raise ApplicationError("card declined", type=PAYMENT_DECLINED, non_retryable=True)
             duplicate = req.idempotency_key in f.charges
             f.charges.setdefault(req.idempotency_key, req.amount)
             if f.lost_answers > 0:
                 f.lost_answers -= 1
                 raise RuntimeError("connection reset after the provider charged")
-            return PaymentResult(idempotency_key=req.idempotency_key, provider_ref="ch-1",
-                                 amount=req.amount, status="captured", duplicate=duplicate)
+            return PaymentResult(
+                idempotency_key=req.idempotency_key,
+                provider_ref="ch-1",
+                amount=req.amount,
+                status="captured",
+                duplicate=duplicate,
+            )
 
         @activity.defn(name="refund_payment")
         async def refund_payment(req: RefundRequest) -> PaymentResult:
             f.refunds.setdefault(req.idempotency_key, req.amount)
-            return PaymentResult(idempotency_key=req.idempotency_key, provider_ref="rf-1",
-                                 amount=req.amount, status="refunded")
+            return PaymentResult(
+                idempotency_key=req.idempotency_key,
+                provider_ref="rf-1",
+                amount=req.amount,
+                status="refunded",
+            )
 
         @activity.defn(name="record_incoming_payment")
         async def record_incoming_payment(p: IncomingPayment) -> PaymentResult:
             f.incoming.setdefault(p.event_id, p.amount)
-            return PaymentResult(idempotency_key=p.event_id, provider_ref="in-1",
-                                 amount=p.amount, status="received")
+            return PaymentResult(
+                idempotency_key=p.event_id, provider_ref="in-1", amount=p.amount, status="received"
+            )
 
         @activity.defn(name="reserve_stock")
         async def reserve_stock(req: StockRequest) -> StockResult:
             missing = [x.sku for x in req.lines if x.sku in f.out_of_stock]
             if missing:
-                raise ApplicationError(f"out of stock: {missing}", type=OUT_OF_STOCK,
-                                       non_retryable=True)
+                raise ApplicationError(
+                    f"out of stock: {missing}", type=OUT_OF_STOCK, non_retryable=True
+                )
             f.reserved[req.order_no] = f.reserved.get(req.order_no, 0) + 1
-            return StockResult(order_no=req.order_no,
-                               reserved={x.sku: x.quantity for x in req.lines})
+            return StockResult(
+                order_no=req.order_no, reserved={x.sku: x.quantity for x in req.lines}
+            )
 
         @activity.defn(name="release_stock")
         async def release_stock(req: StockRequest) -> None:
@@ -162,11 +172,22 @@ class Fakes:
         @activity.defn(name="issue_invoice")
         async def issue_invoice(req: InvoiceRequest) -> InvoiceResult:
             f.invoiced.append(req.order_no)
-            return InvoiceResult(invoice_no=f"INV-{req.order_no}", order_no=req.order_no,
-                                 amount=req.amount)
+            return InvoiceResult(
+                invoice_no=f"INV-{req.order_no}", order_no=req.order_no, amount=req.amount
+            )
 
-        return [load_policy, project, notify, capture_payment, refund_payment,
-                record_incoming_payment, reserve_stock, release_stock, ship_order, issue_invoice]
+        return [
+            load_policy,
+            project,
+            notify,
+            capture_payment,
+            refund_payment,
+            record_incoming_payment,
+            reserve_stock,
+            release_stock,
+            ship_order,
+            issue_invoice,
+        ]
 
     def subjects(self) -> list[str]:
         return [m.subject for m in self.mails]
@@ -185,7 +206,9 @@ class Harness:
 
     async def start(self, inp: SalesOrderInput) -> WorkflowHandle:
         handle = await self.client.start_workflow(
-            SalesOrderWorkflow.run, inp, id=sales_order_workflow_id(inp.order_no),
+            SalesOrderWorkflow.run,
+            inp,
+            id=sales_order_workflow_id(inp.order_no),
             task_queue=self.task_queue,
         )
         self.started.append(handle)
@@ -198,8 +221,10 @@ class Harness:
         for i, handle in enumerate(self.started):
             history = await handle.fetch_history()
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)
-            document = {"workflow_id": history.workflow_id,
-                        "history": json.loads(history.to_json())}
+            document = {
+                "workflow_id": history.workflow_id,
+                "history": json.loads(history.to_json()),
+            }
             (out / f"sales_order__{name}__{i}.json").write_text(json.dumps(document))
 
     async def terminate_leftovers(self) -> None:
@@ -214,26 +239,36 @@ class Harness:
 async def harness(ts_env: WorkflowEnvironment, request):
     fakes = Fakes()
     task_queue = f"tq-{uuid.uuid4()}"
-    async with Worker(ts_env.client, task_queue=task_queue, workflows=[SalesOrderWorkflow],
-                      activities=fakes.activities()):
+    async with Worker(
+        ts_env.client,
+        task_queue=task_queue,
+        workflows=[SalesOrderWorkflow],
+        activities=fakes.activities(),
+    ):
         harness = Harness(ts_env.client, ts_env, task_queue, fakes)
         try:
             yield harness
             if os.environ.get("PROCFLOW_RECORD_HISTORIES"):
-                await harness.record_histories(request.node.name,
-                                               os.environ["PROCFLOW_RECORD_HISTORIES"])
+                await harness.record_histories(
+                    request.node.name, os.environ["PROCFLOW_RECORD_HISTORIES"]
+                )
         finally:
             await harness.terminate_leftovers()
 
 
-def order(amount: int | str = 100, *, order_no: str | None = None, requester: str = "alice",
-          **kw) -> SalesOrderInput:
+def order(
+    amount: int | str = 100, *, order_no: str | None = None, requester: str = "alice", **kw
+) -> SalesOrderInput:
     """An order of one line whose amount is `amount`."""
     return SalesOrderInput(
         order_no=order_no or f"T{uuid.uuid4().hex[:10]}",
-        customer=kw.pop("customer", None) or Customer(
-            id="CUST-1", company_name="ACME Ltd", contact_phone="+40 21 123 4567",
-            email="buyer@acme.example"),
+        customer=kw.pop("customer", None)
+        or Customer(
+            id="CUST-1",
+            company_name="ACME Ltd",
+            contact_phone="+40 21 123 4567",
+            email="buyer@acme.example",
+        ),
         lines=[OrderLine(sku="SKU-MUG", quantity=Decimal(1), unit_price=Decimal(amount))],
         requester=requester,
         **kw,

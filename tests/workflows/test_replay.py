@@ -26,8 +26,16 @@ HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
 
 def test_histories_are_recorded_for_the_main_paths():
     names = " ".join(p.name for p in HISTORIES)
-    for path in ("1200000", "rejection", "prepaid", "special_change", "out_of_stock",
-                 "cancel", "k_of_n", "claim_release"):
+    for path in (
+        "1200000",
+        "rejection",
+        "prepaid",
+        "special_change",
+        "out_of_stock",
+        "cancel",
+        "k_of_n",
+        "claim_release",
+    ):
         assert path in names, f"no recorded history for {path}"
 
 

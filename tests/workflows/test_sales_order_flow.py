@@ -34,8 +34,15 @@ async def test_small_order_needs_no_approval_and_closes(harness):
     assert result.tracking_no and result.invoice_no
     status = await h.query(SalesOrderWorkflow.status)
     assert [s.stage for s in status.stages] == [
-        Stage.RECEIVED, Stage.VALIDATED, Stage.PAYMENT, Stage.PAID, Stage.STOCK_RESERVED,
-        Stage.SHIPPED, Stage.INVOICED, Stage.CLOSED]
+        Stage.RECEIVED,
+        Stage.VALIDATED,
+        Stage.PAYMENT,
+        Stage.PAID,
+        Stage.STOCK_RESERVED,
+        Stage.SHIPPED,
+        Stage.INVOICED,
+        Stage.CLOSED,
+    ]
     assert not [a for a in harness.fakes.audit_actions() if a.startswith("task_opened")]
 
 
@@ -69,7 +76,9 @@ async def test_order_of_1200000_needs_vice_president_then_sales_director(harness
     assert final.stage == Stage.CLOSED
     status = await h.query(SalesOrderWorkflow.status)
     assert [(d.actor, d.outcome) for d in status.decisions] == [
-        ("victor", "approved"), ("diana", "approved")]
+        ("victor", "approved"),
+        ("diana", "approved"),
+    ]
 
 
 async def test_order_just_below_threshold_skips_approval(harness):
@@ -107,8 +116,11 @@ async def test_prepaid_order_skips_approval_chain(harness):
     assert harness.fakes.reserved
     assert [t.kind for t in st.pending_tasks] == ["payment"]
     from workflows.sales_order import PaymentEvent
-    await h.signal(SalesOrderWorkflow.payment_received,
-                   PaymentEvent(event_id="ev-1", amount=Decimal(2_000_000)))
+
+    await h.signal(
+        SalesOrderWorkflow.payment_received,
+        PaymentEvent(event_id="ev-1", amount=Decimal(2_000_000)),
+    )
     result = await h.result()
     assert result.stage == Stage.CLOSED
     assert harness.fakes.charges == {}  # nothing captured: the customer paid in advance
@@ -126,6 +138,9 @@ async def test_current_details_tell_operators_what_the_instance_waits_for(harnes
     assert task.task_id in details and "roles vice-president may act" in details
     assert "open since" in details
     # activities carry readable summaries too
-    summaries = [e.user_metadata.summary.data async for e in h.fetch_history_events()
-                 if e.HasField("activity_task_scheduled_event_attributes")]
+    summaries = [
+        e.user_metadata.summary.data
+        async for e in h.fetch_history_events()
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
     assert any(b"load the current sales order policy" in s for s in summaries)

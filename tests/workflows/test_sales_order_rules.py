@@ -33,8 +33,11 @@ async def first_task(h):
 
 def _recorded(events) -> list[str]:
     """History events that record something (workflow task bookkeeping aside)."""
-    return [EventType.Name(e.event_type) for e in events
-            if "WORKFLOW_TASK" not in EventType.Name(e.event_type)]
+    return [
+        EventType.Name(e.event_type)
+        for e in events
+        if "WORKFLOW_TASK" not in EventType.Name(e.event_type)
+    ]
 
 
 async def refused(h, update, arg) -> str:
@@ -56,23 +59,24 @@ async def refused(h, update, arg) -> str:
         ({"outcome": "approved", "task_id": "nope"}, VP, "TaskNotFound"),
     ],
 )
-async def test_validator_refuses_bad_decisions_without_history(harness, decision, actor,
-                                                               expected):
+async def test_validator_refuses_bad_decisions_without_history(harness, decision, actor, expected):
     h = await harness.start(order(600_000, requester="vera"))
     task = await first_task(h)
     arg = DecideInput(task_id=decision.pop("task_id", task.task_id), actor=actor, **decision)
     assert await refused(h, SalesOrderWorkflow.decide, arg) == expected
     # the task is still open and decidable by a legitimate approver
-    await h.execute_update(SalesOrderWorkflow.decide,
-                           DecideInput(task_id=task.task_id, outcome="approved", actor=VP))
+    await h.execute_update(
+        SalesOrderWorkflow.decide, DecideInput(task_id=task.task_id, outcome="approved", actor=VP)
+    )
     assert (await h.result()).stage == Stage.CLOSED
 
 
 async def test_closed_task_cannot_be_decided_twice(harness):
     h = await harness.start(order(1_200_000))
     task = await first_task(h)
-    await h.execute_update(SalesOrderWorkflow.decide,
-                           DecideInput(task_id=task.task_id, outcome="approved", actor=VP))
+    await h.execute_update(
+        SalesOrderWorkflow.decide, DecideInput(task_id=task.task_id, outcome="approved", actor=VP)
+    )
     again = DecideInput(task_id=task.task_id, outcome="approved", actor=VP)
     assert await refused(h, SalesOrderWorkflow.decide, again) == "TaskClosed"
 
@@ -92,8 +96,10 @@ async def test_reminder_then_escalation_to_manager(harness):
     assert t.candidate_roles == ["vice-president", "manager"] and t.escalated
     assert "escalated" in harness.fakes.audit_actions()
     # the manager may now decide it
-    await h.execute_update(SalesOrderWorkflow.decide,
-                           DecideInput(task_id=task.task_id, outcome="approved", actor=MANAGER))
+    await h.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(task_id=task.task_id, outcome="approved", actor=MANAGER),
+    )
     assert (await h.result()).stage == Stage.CLOSED
 
 
@@ -146,22 +152,27 @@ async def test_installments_capture_advance_then_balance_before_shipment(harness
 
 
 async def test_prepaid_entry_gate_holds_everything_until_paid(harness):
-    h = await harness.start(order(800, variant="prepaid_entry",
-                                  installments=[Decimal(50), Decimal(50)]))
+    h = await harness.start(
+        order(800, variant="prepaid_entry", installments=[Decimal(50), Decimal(50)])
+    )
     st = await h.execute_update(SalesOrderWorkflow.settle)
     assert st.stage == Stage.AWAITING_PAYMENT
     assert harness.fakes.reserved == {}  # no planning before the advance arrives
-    await h.signal(SalesOrderWorkflow.payment_received,
-                   PaymentEvent(event_id="ev-1", amount=Decimal(400)))
-    await h.signal(SalesOrderWorkflow.payment_received,  # redelivered: changes nothing
-                   PaymentEvent(event_id="ev-1", amount=Decimal(400)))
+    await h.signal(
+        SalesOrderWorkflow.payment_received, PaymentEvent(event_id="ev-1", amount=Decimal(400))
+    )
+    await h.signal(
+        SalesOrderWorkflow.payment_received,  # redelivered: changes nothing
+        PaymentEvent(event_id="ev-1", amount=Decimal(400)),
+    )
     st = await h.execute_update(SalesOrderWorkflow.settle)
     assert st.paid == Decimal(400)
     assert harness.fakes.reserved  # advance arrived: stock is reserved
     assert st.stage == Stage.AWAITING_PAYMENT  # the balance is due before shipment
     assert harness.fakes.shipped == []
-    await h.signal(SalesOrderWorkflow.payment_received,
-                   PaymentEvent(event_id="ev-2", amount=Decimal(400)))
+    await h.signal(
+        SalesOrderWorkflow.payment_received, PaymentEvent(event_id="ev-2", amount=Decimal(400))
+    )
     result = await h.result()
     assert result.stage == Stage.CLOSED and result.paid == Decimal(800)
     assert len(harness.fakes.incoming) == 2
@@ -183,33 +194,52 @@ async def test_special_change_blocks_until_three_departments_acknowledge(harness
     assert st.special_change
     acks = [t for t in st.pending_tasks if t.kind == "acknowledgement"]
     assert sorted(r for t in acks for r in t.candidate_roles) == [
-        "inspection", "procurement", "production"]
+        "inspection",
+        "procurement",
+        "production",
+    ]
     assert len([m for m in harness.fakes.mails if "SPECIAL CHANGE" in m.subject]) == 3
-    await h.execute_update(SalesOrderWorkflow.decide,
-                           DecideInput(task_id=vp_task.task_id, outcome="approved", actor=VP))
+    await h.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(task_id=vp_task.task_id, outcome="approved", actor=VP),
+    )
     for t, user in zip(acks[:2], ["paula", "pete"], strict=True):
-        await h.execute_update(SalesOrderWorkflow.decide, DecideInput(
-            task_id=t.task_id, outcome="acknowledged",
-            actor=Actor(username=user, roles=t.candidate_roles)))
+        await h.execute_update(
+            SalesOrderWorkflow.decide,
+            DecideInput(
+                task_id=t.task_id,
+                outcome="acknowledged",
+                actor=Actor(username=user, roles=t.candidate_roles),
+            ),
+        )
     st = await h.execute_update(SalesOrderWorkflow.settle)
     assert harness.fakes.reserved == {}  # still held: inspection has not acknowledged
     assert [t.kind for t in st.pending_tasks] == ["acknowledgement"]
-    await h.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=acks[2].task_id, outcome="acknowledged",
-        actor=Actor(username="ivy", roles=["inspection"])))
+    await h.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(
+            task_id=acks[2].task_id,
+            outcome="acknowledged",
+            actor=Actor(username="ivy", roles=["inspection"]),
+        ),
+    )
     assert (await h.result()).stage == Stage.CLOSED
 
 
 async def test_cancel_by_requester_refunds_and_releases(harness):
     harness.fakes.out_of_stock.clear()
-    h = await harness.start(order(1000, installments=[Decimal(50), Decimal(50)],
-                                  variant="prepaid_warehouse"))
-    await h.signal(SalesOrderWorkflow.payment_received,
-                   PaymentEvent(event_id="ev-9", amount=Decimal(500)))
+    h = await harness.start(
+        order(1000, installments=[Decimal(50), Decimal(50)], variant="prepaid_warehouse")
+    )
+    await h.signal(
+        SalesOrderWorkflow.payment_received, PaymentEvent(event_id="ev-9", amount=Decimal(500))
+    )
     st = await h.execute_update(SalesOrderWorkflow.settle)
     assert st.stage == Stage.AWAITING_PAYMENT and harness.fakes.reserved
-    st = await h.execute_update(SalesOrderWorkflow.cancel, CancelInput(
-        reason="customer withdrew", actor=Actor(username="alice", roles=["requester"])))
+    st = await h.execute_update(
+        SalesOrderWorkflow.cancel,
+        CancelInput(reason="customer withdrew", actor=Actor(username="alice", roles=["requester"])),
+    )
     assert st.stage == Stage.CANCELLED
     assert st.refunded == Decimal(500)
     assert harness.fakes.released == [st.order_no]
@@ -221,8 +251,9 @@ async def test_cancel_refused_for_other_requester_and_after_shipment(harness):
     await first_task(h)
     other = CancelInput(reason="x", actor=Actor(username="bob", roles=["requester"]))
     assert await refused(h, SalesOrderWorkflow.cancel, other) == "NotPermitted"
-    st = await h.execute_update(SalesOrderWorkflow.cancel,
-                                CancelInput(reason="budget cut", actor=MANAGER))
+    st = await h.execute_update(
+        SalesOrderWorkflow.cancel, CancelInput(reason="budget cut", actor=MANAGER)
+    )
     assert st.stage == Stage.CANCELLED
     h2 = await harness.start(order(10))
     await h2.result()
@@ -235,31 +266,61 @@ async def test_claim_release_delegate_and_reassign(harness):
     h = await harness.start(order(600_000))
     task = await first_task(h)
     other_vp = Actor(username="vince", roles=["vice-president"])
-    view = await h.execute_update(SalesOrderWorkflow.claim,
-                                  TaskActionInput(task_id=task.task_id, actor=VP))
+    view = await h.execute_update(
+        SalesOrderWorkflow.claim, TaskActionInput(task_id=task.task_id, actor=VP)
+    )
     assert view.assignee == "victor"
     # taken: another vice-president can neither claim nor decide it
-    assert await refused(h, SalesOrderWorkflow.claim,
-                         TaskActionInput(task_id=task.task_id, actor=other_vp)) == "Conflict"
-    assert await refused(h, SalesOrderWorkflow.decide, DecideInput(
-        task_id=task.task_id, outcome="approved", actor=other_vp)) == "NotPermitted"
+    assert (
+        await refused(
+            h, SalesOrderWorkflow.claim, TaskActionInput(task_id=task.task_id, actor=other_vp)
+        )
+        == "Conflict"
+    )
+    assert (
+        await refused(
+            h,
+            SalesOrderWorkflow.decide,
+            DecideInput(task_id=task.task_id, outcome="approved", actor=other_vp),
+        )
+        == "NotPermitted"
+    )
     # delegation to the requester breaks the four-eyes rule
-    assert await refused(h, SalesOrderWorkflow.delegate, TaskActionInput(
-        task_id=task.task_id, actor=VP, to_user="alice")) == "FourEyesViolation"
-    view = await h.execute_update(SalesOrderWorkflow.delegate, TaskActionInput(
-        task_id=task.task_id, actor=VP, to_user="vince"))
+    assert (
+        await refused(
+            h,
+            SalesOrderWorkflow.delegate,
+            TaskActionInput(task_id=task.task_id, actor=VP, to_user="alice"),
+        )
+        == "FourEyesViolation"
+    )
+    view = await h.execute_update(
+        SalesOrderWorkflow.delegate,
+        TaskActionInput(task_id=task.task_id, actor=VP, to_user="vince"),
+    )
     assert view.assignee == "vince"
-    assert await refused(h, SalesOrderWorkflow.reassign, TaskActionInput(
-        task_id=task.task_id, actor=VP, to_user="victor")) == "NotPermitted"
-    view = await h.execute_update(SalesOrderWorkflow.reassign, TaskActionInput(
-        task_id=task.task_id, actor=MANAGER, to_user=None))
+    assert (
+        await refused(
+            h,
+            SalesOrderWorkflow.reassign,
+            TaskActionInput(task_id=task.task_id, actor=VP, to_user="victor"),
+        )
+        == "NotPermitted"
+    )
+    view = await h.execute_update(
+        SalesOrderWorkflow.reassign,
+        TaskActionInput(task_id=task.task_id, actor=MANAGER, to_user=None),
+    )
     assert view.assignee is None
-    await h.execute_update(SalesOrderWorkflow.claim,
-                           TaskActionInput(task_id=task.task_id, actor=other_vp))
-    await h.execute_update(SalesOrderWorkflow.release,
-                           TaskActionInput(task_id=task.task_id, actor=other_vp))
-    await h.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=task.task_id, outcome="approved", actor=VP))
+    await h.execute_update(
+        SalesOrderWorkflow.claim, TaskActionInput(task_id=task.task_id, actor=other_vp)
+    )
+    await h.execute_update(
+        SalesOrderWorkflow.release, TaskActionInput(task_id=task.task_id, actor=other_vp)
+    )
+    await h.execute_update(
+        SalesOrderWorkflow.decide, DecideInput(task_id=task.task_id, outcome="approved", actor=VP)
+    )
     await h.result()
     actions = harness.fakes.audit_actions()
     for a in ("claim", "delegate", "reassign", "release", "decided:approved"):
@@ -267,46 +328,76 @@ async def test_claim_release_delegate_and_reassign(harness):
 
 
 def _policy(**kw) -> PolicyDocument:
-    return PolicyDocument(process_type="sales_order", version=7,
-                          document=SalesOrderPolicy(**kw).model_dump(mode="json"))
+    return PolicyDocument(
+        process_type="sales_order",
+        version=7,
+        document=SalesOrderPolicy(**kw).model_dump(mode="json"),
+    )
 
 
 async def test_k_of_n_level_needs_k_approvals_and_withdraws_the_rest(harness):
-    harness.fakes.policy = _policy(approval_tiers=[ApprovalTier(
-        min_amount=Decimal(0), name="board", roles=["vice-president", "sales-director",
-                                                    "finance"], mode="k_of_n", k=2)])
+    harness.fakes.policy = _policy(
+        approval_tiers=[
+            ApprovalTier(
+                min_amount=Decimal(0),
+                name="board",
+                roles=["vice-president", "sales-director", "finance"],
+                mode="k_of_n",
+                k=2,
+            )
+        ]
+    )
     h = await harness.start(order(50))
     st = await h.execute_update(SalesOrderWorkflow.settle)
     assert st.policy_version == 7
     assert len(st.pending_tasks) == 3
     by_role = {t.candidate_roles[0]: t for t in st.pending_tasks}
-    await h.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=by_role["vice-president"].task_id, outcome="approved", actor=VP))
-    st = await h.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=by_role["sales-director"].task_id, outcome="approved", actor=SD))
+    await h.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(task_id=by_role["vice-president"].task_id, outcome="approved", actor=VP),
+    )
+    st = await h.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(task_id=by_role["sales-director"].task_id, outcome="approved", actor=SD),
+    )
     assert (await h.result()).stage == Stage.CLOSED
     final = await h.query(SalesOrderWorkflow.status)
     assert sorted(d.outcome for d in final.decisions) == ["approved", "approved", "withdrawn"]
 
 
 async def test_all_of_level_is_rejected_by_one_refusal(harness):
-    harness.fakes.policy = _policy(approval_tiers=[ApprovalTier(
-        min_amount=Decimal(0), name="sign-off", roles=["vice-president", "sales-director"],
-        mode="all")], approval_timers=TaskTimers())
+    harness.fakes.policy = _policy(
+        approval_tiers=[
+            ApprovalTier(
+                min_amount=Decimal(0),
+                name="sign-off",
+                roles=["vice-president", "sales-director"],
+                mode="all",
+            )
+        ],
+        approval_timers=TaskTimers(),
+    )
     h = await harness.start(order(50))
     st = await h.execute_update(SalesOrderWorkflow.settle)
     by_role = {t.candidate_roles[0]: t for t in st.pending_tasks}
-    await h.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=by_role["vice-president"].task_id, outcome="approved", actor=VP))
-    await h.execute_update(SalesOrderWorkflow.decide, DecideInput(
-        task_id=by_role["sales-director"].task_id, outcome="rejected", comment="no", actor=SD))
+    await h.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(task_id=by_role["vice-president"].task_id, outcome="approved", actor=VP),
+    )
+    await h.execute_update(
+        SalesOrderWorkflow.decide,
+        DecideInput(
+            task_id=by_role["sales-director"].task_id, outcome="rejected", comment="no", actor=SD
+        ),
+    )
     assert (await h.result()).stage == Stage.REJECTED
 
 
 async def test_policy_thresholds_come_from_the_loaded_version(harness):
     # the business moved the VP threshold from 500,000 to 100: a 200 order now needs approval
-    harness.fakes.policy = _policy(approval_tiers=[ApprovalTier(
-        min_amount=Decimal(100), name="vp", roles=["vice-president"])])
+    harness.fakes.policy = _policy(
+        approval_tiers=[ApprovalTier(min_amount=Decimal(100), name="vp", roles=["vice-president"])]
+    )
     h = await harness.start(order(200))
     st = await h.execute_update(SalesOrderWorkflow.settle)
     assert st.stage == Stage.APPROVAL and st.policy_version == 7
