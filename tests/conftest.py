@@ -17,7 +17,7 @@ from core.db import make_engine, make_session_factory
 from core.temporal import AMOUNT, CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, STAGE
 from scripts.mailsink import MailSink
 from scripts.migrate import upgrade
-from tests.support import binary, free_port
+from tests.support import FIGURES, binary, free_port
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -60,3 +60,12 @@ def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
         yield sink
     finally:
         sink.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the figures that the reliability and security tests recorded."""
+    if not FIGURES:
+        return
+    terminalreporter.section("procflow figures")
+    for name in sorted(FIGURES):
+        terminalreporter.write_line(f"{name}: {FIGURES[name]}")
