@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.client import Client
@@ -25,6 +26,9 @@ from core.temporal import connect
 from workflows.sales_order import SalesOrderWorkflow
 
 WORKFLOWS = [SalesOrderWorkflow]
+# On SIGTERM/SIGINT the worker stops polling and lets running activities finish this long
+# before cancelling them; keep it below the supervisor's kill grace (10 s in scripts/run_stack).
+GRACEFUL_SHUTDOWN = timedelta(seconds=8)
 
 
 def build_worker(
@@ -69,7 +73,10 @@ async def main(settings: Settings) -> None:
         settings.smtp_host, settings.smtp_port, settings.smtp_timeout_s, settings.mail_from
     )
     provider = SandboxPaymentProvider(
-        session_factory, decline_customers=set(settings.sandbox_decline_customers)
+        session_factory,
+        decline_customers=set(settings.sandbox_decline_customers),
+        pause_before_charge_s=settings.sandbox_pause_before_charge_s,
+        pause_after_charge_s=settings.sandbox_pause_after_charge_s,
     )
     worker = build_worker(
         client,
@@ -77,7 +84,7 @@ async def main(settings: Settings) -> None:
         session_factory=session_factory,
         sender=sender,
         provider=provider,
-        graceful_shutdown_timeout=__import__("datetime").timedelta(seconds=10),
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,7 +6,9 @@ retried charge return the first charge instead of charging twice.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Protocol
@@ -26,6 +28,8 @@ from activities.models import (
     RefundRequest,
 )
 from core.db import LedgerEntry
+
+log = logging.getLogger(__name__)
 
 
 class PaymentDeclinedError(Exception):
@@ -84,11 +88,22 @@ class SandboxPaymentProvider:
         decline_customers: Iterable[str] = frozenset(),
         outages: int = 0,
         crash_after_charge: int = 0,
+        pause_before_charge_s: float = 0.0,
+        pause_after_charge_s: float = 0.0,
     ) -> None:
         self.session_factory = session_factory
         self.decline_customers: set[str] = set(decline_customers)
         self.outages = outages
         self.crash_after_charge = crash_after_charge
+        # Fault-test hooks: hold a new charge open before the provider is called, or after the
+        # charge committed but before the answer returns, so a test can kill the worker there.
+        self.pause_before_charge_s = pause_before_charge_s
+        self.pause_after_charge_s = pause_after_charge_s
+
+    async def _pause(self, seconds: float, where: str, key: str) -> None:
+        if seconds > 0:
+            log.warning("sandbox fault hook: pausing %.1f s %s charge %s", seconds, where, key)
+            await asyncio.sleep(seconds)
 
     def _maybe_outage(self) -> None:
         if self.outages > 0:
@@ -102,6 +117,7 @@ class SandboxPaymentProvider:
         existing = await _ledger_row(self.session_factory, key)
         if existing is not None:
             return existing.provider_ref
+        await self._pause(self.pause_before_charge_s, "before", key)
         if customer_id in self.decline_customers:
             raise PaymentDeclinedError(f"card of customer {customer_id} declined")
         if amount <= 0:
@@ -118,6 +134,7 @@ class SandboxPaymentProvider:
                 status="captured",
             ),
         )
+        await self._pause(self.pause_after_charge_s, "after", key)
         if self.crash_after_charge > 0:
             self.crash_after_charge -= 1
             raise ProviderUnavailableError("sandbox provider charged, but the answer was lost")

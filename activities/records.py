@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Insert, delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
@@ -15,7 +16,7 @@ from activities.models import (
     StageChange,
     TaskSnapshot,
 )
-from core.db import AuditEntry, Order, OrderLine, PolicyVersion, TaskCandidate, TaskRow
+from core.db import AuditEntry, Base, Order, OrderLine, PolicyVersion, TaskCandidate, TaskRow
 
 _TASK_FIELDS = (
     "workflow_id",
@@ -74,25 +75,39 @@ class RecordActivities:
             await _insert_audit(session, batch.audit)
 
 
+def _insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
+    """INSERT ... ON CONFLICT DO NOTHING: of concurrent writers of one key the first wins and
+    the others wait for it and write nothing (a check-then-insert races on PostgreSQL)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(model).on_conflict_do_nothing()
+    raise NotImplementedError(f"read-model writes are not implemented for {dialect}")
+
+
 async def _insert_order(
     session: AsyncSession, record: OrderRecord, stage: StageChange | None
 ) -> None:
-    if await session.get(Order, record.order_no) is not None:
-        return
     values = record.model_dump(exclude={"lines"})
     if stage is not None and stage.order_no == record.order_no:
         values["created_at"] = values["updated_at"] = stage.at
-    session.add(Order(**values))
-    await session.flush()
-    for line in record.lines:
-        session.add(OrderLine(order_no=record.order_no, **line.model_dump()))
-    await session.flush()
+    inserted = await session.execute(
+        _insert_or_ignore(session, Order).values(**values).returning(Order.order_no)
+    )
+    if inserted.scalar_one_or_none() is None:
+        return  # projected before
+    if record.lines:
+        await session.execute(
+            _insert_or_ignore(session, OrderLine),
+            [{"order_no": record.order_no, **line.model_dump()} for line in record.lines],
+        )
 
 
 async def _apply_stage(session: AsyncSession, stage: StageChange) -> None:
     # Stage changes come in order from the one workflow that owns the order (each projection
     # is awaited before the next), so the last applied write is the newest one.
-    order = await session.get(Order, stage.order_no)
+    order = await session.get(Order, stage.order_no, with_for_update=True)
     if order is None:
         activity.logger.warning("stage change for unknown order %s ignored", stage.order_no)
         return
@@ -103,23 +118,36 @@ async def _apply_stage(session: AsyncSession, stage: StageChange) -> None:
 
 
 async def _upsert_task(session: AsyncSession, snapshot: TaskSnapshot) -> None:
-    row = await session.get(TaskRow, snapshot.task_id)
     values = snapshot.model_dump(include=set(_TASK_FIELDS))
-    if row is None:
-        session.add(TaskRow(task_id=snapshot.task_id, **values))
-    elif snapshot.revision >= row.revision:
+    inserted = await session.execute(
+        _insert_or_ignore(session, TaskRow)
+        .values(task_id=snapshot.task_id, **values)
+        .returning(TaskRow.task_id)
+    )
+    if inserted.scalar_one_or_none() is None:
+        # the row exists: lock it, so that concurrent snapshots of one task apply one by one
+        row = (
+            await session.execute(
+                select(TaskRow)
+                .where(TaskRow.task_id == snapshot.task_id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).scalar_one()
+        if snapshot.revision < row.revision:
+            activity.logger.info(
+                "task %s: snapshot revision %s older than stored %s, skipped",
+                snapshot.task_id,
+                snapshot.revision,
+                row.revision,
+            )
+            return
         for name, value in values.items():
             setattr(row, name, value)
-    else:
-        activity.logger.info(
-            "task %s: snapshot revision %s older than stored %s, skipped",
-            snapshot.task_id,
-            snapshot.revision,
-            row.revision,
+        await session.flush()
+        await session.execute(
+            delete(TaskCandidate).where(TaskCandidate.task_id == snapshot.task_id)
         )
-        return
-    await session.flush()
-    await session.execute(delete(TaskCandidate).where(TaskCandidate.task_id == snapshot.task_id))
     roles = sorted(set(snapshot.candidate_roles))
     if roles:
         await session.execute(
@@ -128,19 +156,9 @@ async def _upsert_task(session: AsyncSession, snapshot: TaskSnapshot) -> None:
 
 
 async def _insert_audit(session: AsyncSession, records: list[AuditRecord]) -> None:
-    if not records:
-        return
-    keys = {r.event_key for r in records}
-    existing = set(
-        (
-            await session.execute(
-                select(AuditEntry.event_key).where(AuditEntry.event_key.in_(keys))
-            )
-        ).scalars()
-    )
-    for record in records:
-        if record.event_key in existing:
-            continue
-        existing.add(record.event_key)
-        session.add(AuditEntry(**record.model_dump()))
-    await session.flush()
+    unique = {r.event_key: r for r in reversed(records)}  # the first record of a key wins
+    if unique:
+        await session.execute(
+            _insert_or_ignore(session, AuditEntry),
+            [unique[key].model_dump() for key in dict.fromkeys(r.event_key for r in records)],
+        )

@@ -12,7 +12,8 @@ from temporalio.client import Client
 
 from api import errors
 from api.deps import TemporalConnection
-from api.errors import TemporalUnavailable
+from api.errors import TemporalUnavailable, responses
+from api.limits import BodySizeLimit, ConcurrencyLimit, RateLimiter
 from api.routers import auth, health, orders, policies, tasks
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings
@@ -27,6 +28,12 @@ Orders start and drive `SalesOrderWorkflow` instances; inboxes and order lists r
 read model that the workflows project into the database; `/orders/search` reads Temporal
 visibility, which is eventually consistent. When Temporal or the database is unreachable
 the API answers 503 with `Retry-After`.
+
+Limits (per API process): request bodies up to `PROCFLOW_API_MAX_BODY_BYTES` (else 413),
+`PROCFLOW_API_RATE_LIMIT_PER_MINUTE` requests per user and
+`PROCFLOW_API_AUTH_RATE_LIMIT_PER_MINUTE` sign-ins per client address (else 429 with
+`Retry-After`), `PROCFLOW_TEMPORAL_MAX_CONCURRENCY` requests in flight to Temporal (else 503
+with `Retry-After`).
 """
 
 
@@ -64,7 +71,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.user_rate = RateLimiter(settings.api_rate_limit_per_minute)
+    app.state.signin_rate = RateLimiter(settings.api_auth_rate_limit_per_minute)
+    app.state.temporal_slots = ConcurrencyLimit(
+        settings.temporal_max_concurrency, settings.temporal_rpc_timeout_s
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     errors.install(app)
-    for module in (auth, orders, tasks, policies, health):
-        app.include_router(module.router)
+    for module in (auth, orders, tasks, policies):
+        app.include_router(module.router, responses=responses(400, 413, 429))
+    app.include_router(health.router, responses=responses(413))
     return app

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from api.errors import TemporalUnavailable, unauthorized
+from api.limits import ConcurrencyLimit, RateLimiter
 from api.schemas import Principal
 from api.security import decode_access_token
 from core.db import User
@@ -61,8 +62,14 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_temporal(request: Request) -> Client:
-    return await request.app.state.temporal.get()
+async def get_temporal(request: Request) -> AsyncIterator[Client]:
+    """The client, holding one of the process's slots towards Temporal for the request.
+
+    No slot within temporal_rpc_timeout_s: TemporalBusy (-> 503 with Retry-After).
+    """
+    limit: ConcurrencyLimit = request.app.state.temporal_slots
+    async with limit.slot():
+        yield await request.app.state.temporal.get()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -73,17 +80,23 @@ oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
 
 
 async def get_current_user(
+    request: Request,
     token: Annotated[str | None, Depends(oauth2_scheme)],
     settings: SettingsDep,
     session: SessionDep,
 ) -> Principal:
-    """The caller behind the bearer token; the user must exist and be active."""
+    """The caller behind the bearer token; the user must exist and be active.
+
+    Each authenticated request takes a token from the user's bucket (else 429).
+    """
     if not token:
         raise unauthorized("not authenticated")
     try:
         claims = decode_access_token(settings, token)
     except jwt.InvalidTokenError as err:
         raise unauthorized(f"invalid token: {err}") from err
+    limiter: RateLimiter = request.app.state.user_rate
+    limiter.check(claims["sub"], "requests")
     user = await session.get(User, claims["sub"])
     if user is None or not user.active:
         raise unauthorized("unknown or inactive user")

@@ -25,6 +25,7 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError, FailureError
 from temporalio.service import RPCStatusCode
 
+from api.limits import TemporalBusy
 from api.schemas import ErrorOut
 from workflows.human_task import (
     CONFLICT,
@@ -53,12 +54,19 @@ APPLICATION_ERROR_STATUS: dict[str, int] = {
 }
 
 _DESCRIPTIONS = {
+    400: "The request body could not be parsed (not UTF-8, JSON or form data)",
     401: "Missing, invalid or expired bearer token",
     403: "The caller lacks a role or may not act on this item",
     404: "No such item",
     409: "Conflicts with the current state of the process",
+    413: "The request body is larger than the limit (PROCFLOW_API_MAX_BODY_BYTES)",
     422: "The request or decision is invalid; `loc` names the field",
-    503: "Temporal or the database is unreachable; retry after Retry-After seconds",
+    429: "Too many requests from this user (or sign-ins from this address); see Retry-After",
+    503: "Temporal or the database is unreachable or busy; retry after Retry-After seconds",
+}
+
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
 }
 
 
@@ -69,6 +77,8 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         entry: dict[str, Any] = {"description": _DESCRIPTIONS[code]}
         if code != 422:
             entry["model"] = ErrorOut
+        if code in (429, 503):
+            entry["headers"] = RETRY_AFTER_HEADER
         out[code] = entry
     return out
 
@@ -142,12 +152,23 @@ def _application_error(err: ApplicationError) -> JSONResponse:
     return JSONResponse({"detail": err.message}, status_code=code)
 
 
-def _failure(err: BaseException) -> JSONResponse:
+def _root_cause(err: BaseException) -> BaseException:
     cause = err.cause if isinstance(err, WorkflowUpdateFailedError) else err
     while isinstance(cause, FailureError) and not isinstance(cause, ApplicationError):
         if cause.cause is None:
             break
         cause = cause.cause
+    return cause
+
+
+def application_error_of(err: BaseException) -> ApplicationError | None:
+    """The business error a workflow validator or handler refused with, if any."""
+    cause = _root_cause(err)
+    return cause if isinstance(cause, ApplicationError) else None
+
+
+def _failure(err: BaseException) -> JSONResponse:
+    cause = _root_cause(err)
     if isinstance(cause, ApplicationError):
         return _application_error(cause)
     return JSONResponse({"detail": str(cause)}, status_code=status.HTTP_409_CONFLICT)
@@ -211,6 +232,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(TemporalUnavailable)
     async def _no_temporal(_: Request, err: TemporalUnavailable) -> JSONResponse:
         return _unavailable(f"Temporal is unreachable: {err}")
+
+    @app.exception_handler(TemporalBusy)
+    async def _busy(_: Request, err: TemporalBusy) -> JSONResponse:
+        log.warning("Temporal slots exhausted: %s", err)
+        return _unavailable(f"too many requests in flight to Temporal: {err}")
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, err: OperationalError) -> JSONResponse:

@@ -61,7 +61,7 @@ class CancelBody(Body):
 
 class PaymentBody(Body):
     event_id: str = Field(min_length=1, max_length=200, description="provider's event id")
-    amount: Decimal = Field(gt=0)
+    amount: Decimal = Field(gt=0, max_digits=16, decimal_places=2)
 
 
 class Accepted(BaseModel):

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     task_queue: str = Field("procflow", description="task queue the workers poll")
     temporal_ui_url: str = "http://127.0.0.1:8233"
     temporal_rpc_timeout_s: float = Field(5.0, description="bound on one API->Temporal call")
+    temporal_max_concurrency: int = Field(
+        32,
+        ge=1,
+        description="requests in flight to Temporal per API process; a request that gets no "
+        "slot within temporal_rpc_timeout_s is answered 503 with Retry-After",
+    )
 
     # Business records
     database_url: str = Field(
@@ -46,11 +52,38 @@ class Settings(BaseSettings):
 
     # Embedded payment sandbox: customers whose charges are declined (for demos and tests)
     sandbox_decline_customers: list[str] = Field(default_factory=lambda: ["CUST-DECLINE"])
+    sandbox_pause_before_charge_s: float = Field(
+        0.0,
+        ge=0,
+        description="fault tests only: the sandbox provider waits this long before a new charge "
+        "(a worker killed there has charged nothing); 0 in every real deployment",
+    )
+    sandbox_pause_after_charge_s: float = Field(
+        0.0,
+        ge=0,
+        description="fault tests only: the sandbox provider waits this long after a new charge "
+        "committed, before answering (a worker killed there has charged); 0 in real deployments",
+    )
 
     # API
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     update_wait_s: float = Field(30.0, description="how long a decision waits for the process")
+    api_max_body_bytes: int = Field(
+        64 * 1024, ge=1, description="largest request body accepted (larger: 413)"
+    )
+    api_rate_limit_per_minute: int = Field(
+        120,
+        ge=1,
+        description="requests per authenticated user and minute (token bucket, per API replica; "
+        "more: 429 with Retry-After)",
+    )
+    api_auth_rate_limit_per_minute: int = Field(
+        30,
+        ge=1,
+        description="sign-in attempts (POST /auth/token) per client IP and minute, per API "
+        "replica (more: 429 with Retry-After)",
+    )
 
 
 @lru_cache

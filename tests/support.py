@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
+import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
+
+import asyncpg
+import pytest
 
 
 def binary(name: str) -> str:
@@ -33,3 +41,134 @@ def record_figure(name: str, value: float | int | str, *, add: bool = False) -> 
         FIGURES[name] = (current if isinstance(current, int | float) else 0) + value
     else:
         FIGURES[name] = value
+
+
+# --- PostgreSQL for the tests: a throwaway server started from the installed binaries ---
+
+PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+PG_MISSING = (
+    "PostgreSQL server binaries (pg_ctl, initdb, postgres) not found on PATH or in "
+    f"{PG_BIN_GLOB}; install them (Debian: apt-get install postgresql)"
+)
+
+
+def _pg_bindir_ok(bindir: Path) -> bool:
+    return all((bindir / name).is_file() for name in ("pg_ctl", "initdb", "postgres"))
+
+
+def postgres_bindir() -> Path | None:
+    """The directory of pg_ctl/initdb/postgres: PATH first, then the newest Debian install."""
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        bindir = Path(found).resolve().parent  # Debian links them from /usr/lib/postgresql
+        if _pg_bindir_ok(bindir):
+            return bindir
+    versions = sorted(
+        Path("/").glob(PG_BIN_GLOB.lstrip("/")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    return next((bindir for bindir in versions if _pg_bindir_ok(bindir)), None)
+
+
+def require_postgres_bindir() -> Path:
+    """postgres_bindir(), else fail the test when CI is set (never skip there) or skip it."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI is set: {PG_MISSING}", pytrace=False)
+        pytest.skip(PG_MISSING)
+    return bindir
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own: initdb into a temporary directory, listening on
+    127.0.0.1 at a free port with its socket in that directory, trust auth for `postgres`.
+
+    PostgreSQL refuses to run as root, so as root every command runs as the `postgres` OS user
+    (`runuser -u postgres --`) in a directory that user owns.
+    """
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="procflow-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.port = free_port()
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError(
+                    "running as root, and PostgreSQL refuses root: no `postgres` OS user to "
+                    "run it as (the Debian postgresql package creates one)"
+                ) from None
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+        self.root.chmod(0o700)
+
+    def _run(self, tool: str, *args: str, timeout: float = 120) -> None:
+        cmd = [*self._as_user, str(self.bindir / tool), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            log = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+            raise RuntimeError(
+                f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}{done.stderr}{log}"
+            )
+
+    def init(self) -> PostgresServer:
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
+        return self
+
+    def start(self) -> None:
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; `fast` disconnects every client (the outage tests rely on it)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def destroy(self) -> None:
+        if self.running():
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, database: str = "postgres", driver: str = "asyncpg") -> str:
+        return f"postgresql+{driver}://postgres@127.0.0.1:{self.port}/{database}"
+
+    async def _admin(self, sql: str) -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=self.port, user="postgres", database="postgres"
+        )
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    async def create_database(self, prefix: str = "t") -> str:
+        """A new empty database with a random name; returns its URL."""
+        name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+        await self._admin(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    async def drop_database(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1]
+        await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
@@ -18,11 +18,15 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 
 @router.post("/token", response_model=TokenOut, responses=responses(401))
 async def issue_token(
+    request: Request,
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
     settings: SettingsDep,
     session: SessionDep,
 ) -> TokenOut:
     """Exchange a username and password for a bearer token carrying the user's roles."""
+    # brute-force protection: sign-in attempts per client address, before the costly hash
+    address = request.client.host if request.client else "unknown"
+    request.app.state.signin_rate.check(address, "sign-in attempts")
     user = await session.get(User, form.username)
     ok = verify_password(user.password_hash if user else None, form.password)
     if user is None or not ok or not user.active:

@@ -6,7 +6,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from sqlalchemy import func, select
 from temporalio.client import (
     Client,
@@ -61,6 +61,11 @@ Submitter = Annotated[Principal, Depends(require_roles("requester", "sales", "ma
 Finance = Annotated[Principal, Depends(require_roles("finance"))]
 
 OrderHandle = WorkflowHandle[SalesOrderWorkflow, SalesOrderResult]
+
+# an order number as OrderDetails accepts it; anything else is 422 before Temporal is asked
+OrderNo = Annotated[str, Path(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+# amounts as an order can carry them (16 digits); larger filters are 422, not a broken query
+MAX_AMOUNT = Decimal("1e16")
 
 
 def _rpc_timeout(settings: Settings) -> timedelta:
@@ -165,8 +170,12 @@ async def list_orders(
     session: SessionDep,
     stage: Stage | None = None,
     customer_id: str | None = None,
-    min_amount: Annotated[Decimal | None, Query(ge=0, description="amount_due >=")] = None,
-    max_amount: Annotated[Decimal | None, Query(ge=0, description="amount_due <=")] = None,
+    min_amount: Annotated[
+        Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="amount_due >=")
+    ] = None,
+    max_amount: Annotated[
+        Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="amount_due <=")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> OrderPage:
@@ -223,8 +232,12 @@ async def search_orders(
     session: SessionDep,
     stage: Stage | None = None,
     customer_id: Annotated[str | None, Query(max_length=64)] = None,
-    min_amount: Annotated[Decimal | None, Query(ge=0, description="Amount >=")] = None,
-    max_amount: Annotated[Decimal | None, Query(ge=0, description="Amount <=")] = None,
+    min_amount: Annotated[
+        Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="Amount >=")
+    ] = None,
+    max_amount: Annotated[
+        Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="Amount <=")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> OrderSearchPage:
@@ -264,11 +277,10 @@ async def search_orders(
     return OrderSearchPage(items=hits, query=query, limit=limit, offset=offset)
 
 
-@router.get("/{order_no}", response_model=SalesOrderStatus, responses=responses(401, 404, 503))
-async def order_status(
-    order_no: str, user: CurrentUser, client: TemporalDep, settings: SettingsDep
+async def _visible_status(
+    client: Client, order_no: str, user: Principal, settings: Settings
 ) -> SalesOrderStatus:
-    """The live status of an order: stage, pending tasks, decisions, payments, policy version."""
+    """The order's status; 404 for a requester who did not submit it (its existence is hidden)."""
     with not_found_as(_unknown(order_no)):
         result = await _handle(client, order_no).query(
             SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings)
@@ -278,15 +290,31 @@ async def order_status(
     return result
 
 
+@router.get(
+    "/{order_no}", response_model=SalesOrderStatus, responses=responses(401, 404, 409, 422, 503)
+)
+async def order_status(
+    order_no: OrderNo, user: CurrentUser, client: TemporalDep, settings: SettingsDep
+) -> SalesOrderStatus:
+    """The live status of an order: stage, pending tasks, decisions, payments, policy version."""
+    return await _visible_status(client, order_no, user, settings)
+
+
 @router.post(
     "/{order_no}/amend",
     response_model=SalesOrderStatus,
     responses=responses(401, 403, 404, 409, 422, 503),
 )
 async def amend_order(
-    order_no: str, body: AmendBody, user: CurrentUser, client: TemporalDep, settings: SettingsDep
+    order_no: OrderNo,
+    body: AmendBody,
+    user: CurrentUser,
+    client: TemporalDep,
+    settings: SettingsDep,
 ) -> SalesOrderStatus:
     """Record a special change; procurement, production and inspection must acknowledge it."""
+    if user.requester_only:
+        await _visible_status(client, order_no, user, settings)
     with not_found_as(_unknown(order_no)):
         return await _handle(client, order_no).execute_update(
             SalesOrderWorkflow.amend,
@@ -301,9 +329,15 @@ async def amend_order(
     responses=responses(401, 403, 404, 409, 422, 503),
 )
 async def cancel_order(
-    order_no: str, body: CancelBody, user: CurrentUser, client: TemporalDep, settings: SettingsDep
+    order_no: OrderNo,
+    body: CancelBody,
+    user: CurrentUser,
+    client: TemporalDep,
+    settings: SettingsDep,
 ) -> SalesOrderStatus:
     """Cancel the order (requester or manager); what was already done is compensated."""
+    if user.requester_only:
+        await _visible_status(client, order_no, user, settings)
     with not_found_as(_unknown(order_no)):
         return await _handle(client, order_no).execute_update(
             SalesOrderWorkflow.cancel,
@@ -319,7 +353,7 @@ async def cancel_order(
     responses=responses(401, 403, 404, 409, 422, 503),
 )
 async def report_payment(
-    order_no: str, body: PaymentBody, user: Finance, client: TemporalDep, settings: SettingsDep
+    order_no: OrderNo, body: PaymentBody, user: Finance, client: TemporalDep, settings: SettingsDep
 ) -> Accepted:
     """Report an incoming payment to the order (finance); a repeated event_id changes nothing."""
     with not_found_as(_unknown(order_no)):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import and_, exists, func, or_, select
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError
 
 from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep
-from api.errors import field_error, not_found_as, responses
+from api.errors import application_error_of, field_error, not_found_as, responses
 from api.schemas import (
     CommentBody,
     DecisionBody,
@@ -20,9 +22,9 @@ from api.schemas import (
     TaskOut,
     TaskPage,
 )
-from core.db import TaskCandidate, TaskRow, User
+from core.db import AuditEntry, TaskCandidate, TaskRow, User
 from core.settings import Settings
-from workflows.human_task import DecideInput, TaskActionInput
+from workflows.human_task import FOUR_EYES, NOT_PERMITTED, DecideInput, TaskActionInput
 from workflows.sales_order import (
     ACKNOWLEDGED,
     DecideResult,
@@ -30,7 +32,11 @@ from workflows.sales_order import (
     TaskView,
 )
 
+log = logging.getLogger("procflow.api")
+
 router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+DECISION_REFUSED = "decision_refused"
 
 ALL_ERRORS = responses(401, 403, 404, 409, 422, 503)
 
@@ -119,18 +125,49 @@ async def _decide(
     settings: Settings,
 ) -> DecideResult:
     row = await _task(session, task_id, user)
-    with not_found_as(f"task {task_id} not found"):
-        return await _handle(client, row).execute_update(
-            SalesOrderWorkflow.decide,
-            DecideInput(
-                task_id=task_id,
-                outcome=outcome,
-                comment=comment,
-                fields=fields,
-                actor=user.actor,
-            ),
-            rpc_timeout=_wait(settings),
+    if row.status == "open" and row.outcomes and row.requester == user.username:
+        # the four-eyes rule, checked here too; the workflow's validator stays the authority
+        reason = f"{user.username} requested this process and may not decide its own task"
+        await _audit_refusal(session, row, user, outcome, FOUR_EYES, reason)
+        raise HTTPException(status.HTTP_403_FORBIDDEN, reason)
+    try:
+        with not_found_as(f"task {task_id} not found"):
+            return await _handle(client, row).execute_update(
+                SalesOrderWorkflow.decide,
+                DecideInput(
+                    task_id=task_id,
+                    outcome=outcome,
+                    comment=comment,
+                    fields=fields,
+                    actor=user.actor,
+                ),
+                rpc_timeout=_wait(settings),
+            )
+    except WorkflowUpdateFailedError as err:
+        refusal = application_error_of(err)
+        if refusal is not None and refusal.type in (FOUR_EYES, NOT_PERMITTED):
+            await _audit_refusal(session, row, user, outcome, refusal.type, refusal.message)
+        raise
+
+
+async def _audit_refusal(
+    session, row: TaskRow, user: Principal, outcome: str, kind: str, reason: str
+) -> None:
+    """An audit_log row for a decision refused with 403 (the workflow's history has none)."""
+    session.add(
+        AuditEntry(
+            event_key=f"refused:{uuid.uuid4()}",
+            workflow_id=row.workflow_id,
+            task_id=row.task_id,
+            actor=user.username,
+            action=DECISION_REFUSED,
+            comment=reason,
+            details={"outcome": outcome, "refusal": kind},
+            at=datetime.now(UTC),
         )
+    )
+    await session.commit()
+    log.warning("decision on %s by %s refused: %s", row.task_id, user.username, reason)
 
 
 @router.post("/{task_id}/decision", response_model=DecideResult, responses=ALL_ERRORS)

@@ -1,4 +1,5 @@
-"""Fixtures for activity unit tests (db_url, sessions and mail_sink come from tests/conftest.py)."""
+"""Fixtures for activity unit tests (sessions and mail_sink come from tests/conftest.py): every
+database test here runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.testing import ActivityEnvironment
 
 from core.db import StockItem
+
+
+@pytest.fixture
+def db_url(any_db_url: str) -> str:
+    """A fresh migrated database, SQLite and PostgreSQL in turn."""
+    return any_db_url
 
 
 @pytest.fixture

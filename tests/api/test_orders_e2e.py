@@ -225,7 +225,7 @@ async def test_cancel_and_payment_signal(live_api: Api):
     assert r.status_code == 202, r.text
     assert r.json() == {"accepted": True}
     r = await api.post(f"/orders/{order_no}/cancel", "bob", json={"reason": "not mine"})
-    assert r.status_code == 403
+    assert r.status_code == 404  # another requester's order is not revealed
     r = await api.post(f"/orders/{order_no}/cancel", "alice", json={"reason": "changed mind"})
     assert r.status_code == 200, r.text
     assert r.json()["stage"] == "cancelled"

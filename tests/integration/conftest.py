@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest_asyncio.fixture
-async def database(db_url):
-    """The migrated database, seeded, with its session factory."""
-    engine = make_engine(db_url)
+async def database(any_db_url):
+    """The migrated database (SQLite and PostgreSQL in turn), seeded, with its session factory."""
+    engine = make_engine(any_db_url)
     factory = make_session_factory(engine)
     await seed(factory)
     try:
-        yield db_url, factory
+        yield any_db_url, factory
     finally:
         await engine.dispose()
 

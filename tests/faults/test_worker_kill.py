@@ -1,0 +1,80 @@
+"""SIGKILL of the worker in the middle of the payment: before the provider is called, and after
+it charged but before the activity answered. A new worker finishes both orders, each charged
+once. (The capture's retry comes when its 30 s start-to-close timeout expires.)"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.faults.orders import (
+    capture_attempts,
+    capture_running,
+    charges,
+    check_nothing_lost_or_doubled,
+    order,
+    start,
+)
+from tests.faults.processes import procflow_env, until, worker_process
+from tests.support import record_figure
+from workflows.sales_order import Stage
+
+PAUSE_S = 8  # how long the sandbox holds each charge open before / after it commits
+
+
+@pytest.mark.timeout(150)
+async def test_worker_killed_before_or_after_the_charge_each_order_is_charged_once(
+    dev_env, database, mail_sink, processes, tmp_path
+):
+    db_url, sessions = database
+    client = dev_env.client
+    queue = f"faults-kill-{uuid.uuid4()}"
+    env = procflow_env(
+        temporal_address=dev_env.client.service_client.config.target_host,
+        task_queue=queue,
+        database_url=db_url,
+        smtp_host=mail_sink.host,
+        smtp_port=str(mail_sink.port),
+    )
+    paused = env | {
+        "PROCFLOW_SANDBOX_PAUSE_BEFORE_CHARGE_S": str(PAUSE_S),
+        "PROCFLOW_SANDBOX_PAUSE_AFTER_CHARGE_S": str(PAUSE_S),
+    }
+    first = processes.start(worker_process(paused, tmp_path / "worker-1.log"))
+
+    # K-AFTER charges, then its answer is held back; meanwhile K-BEFORE reaches the provider
+    charged = await start(client, order("K-AFTER"), queue)
+    await until(lambda: _charged(sessions, "K-AFTER"), 40, "K-AFTER is charged")
+    not_charged = await start(client, order("K-BEFORE"), queue)
+    await until(lambda: capture_running(not_charged), PAUSE_S - 2, "K-BEFORE's capture runs")
+    await until(
+        lambda: _logged(first.output(), "before charge sales-order-K-BEFORE"),
+        2,
+        "the worker holds K-BEFORE's charge",
+    )
+    # the state the kill interrupts
+    assert await charges(sessions, "K-BEFORE") == 0
+    assert await capture_running(charged), "K-AFTER's capture must still be unanswered"
+    first.kill()
+    record_figure("worker SIGKILL mid-payment: instances in flight", 2)
+
+    processes.start(worker_process(env, tmp_path / "worker-2.log"))
+    results = await asyncio.wait_for(asyncio.gather(charged.result(), not_charged.result()), 90)
+
+    assert [r.stage for r in results] == [Stage.CLOSED, Stage.CLOSED]
+    # the first attempt died with the worker; the second, on the new worker, answered
+    assert await capture_attempts(charged) == [2]
+    assert await capture_attempts(not_charged) == [2]
+    assert await charges(sessions, "K-AFTER") == 1
+    assert await charges(sessions, "K-BEFORE") == 1
+    assert await check_nothing_lost_or_doubled(sessions, ["K-AFTER", "K-BEFORE"]) == (0, 0)
+
+
+async def _charged(sessions, order_no: str) -> bool:
+    return await charges(sessions, order_no) == 1
+
+
+async def _logged(output: str, text: str) -> bool:
+    return text in output

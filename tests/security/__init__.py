@@ -1,0 +1,1 @@
+"""Security tests: fuzzing the API, the authorization matrix, limits, ownership."""
