@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from sqlalchemy import func, select
@@ -313,14 +313,8 @@ async def amend_order(
     settings: SettingsDep,
 ) -> SalesOrderStatus:
     """Record a special change; procurement, production and inspection must acknowledge it."""
-    if user.requester_only:
-        await _visible_status(client, order_no, user, settings)
-    with not_found_as(_unknown(order_no)):
-        return await _handle(client, order_no).execute_update(
-            SalesOrderWorkflow.amend,
-            AmendInput(description=body.description, actor=user.actor),
-            rpc_timeout=_update_timeout(settings),
-        )
+    arg = AmendInput(description=body.description, actor=user.actor)
+    return await _order_update(client, order_no, user, settings, SalesOrderWorkflow.amend, arg)
 
 
 @router.post(
@@ -336,13 +330,24 @@ async def cancel_order(
     settings: SettingsDep,
 ) -> SalesOrderStatus:
     """Cancel the order (requester or manager); what was already done is compensated."""
+    arg = CancelInput(reason=body.reason, actor=user.actor)
+    return await _order_update(client, order_no, user, settings, SalesOrderWorkflow.cancel, arg)
+
+
+async def _order_update(
+    client: Client,
+    order_no: str,
+    user: Principal,
+    settings: Settings,
+    update: Any,  # SalesOrderWorkflow.amend or .cancel
+    arg: AmendInput | CancelInput,
+) -> SalesOrderStatus:
+    """Run an update on an order the caller may see (another requester's order is a 404)."""
     if user.requester_only:
         await _visible_status(client, order_no, user, settings)
     with not_found_as(_unknown(order_no)):
         return await _handle(client, order_no).execute_update(
-            SalesOrderWorkflow.cancel,
-            CancelInput(reason=body.reason, actor=user.actor),
-            rpc_timeout=_update_timeout(settings),
+            update, arg, rpc_timeout=_update_timeout(settings)
         )
 
 
