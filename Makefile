@@ -1,6 +1,7 @@
 # procflow developer entry points.
 #   make run    the whole stack on this machine (Temporal dev server, worker, API, mail sink)
 #   make test   the test suite (PYTEST_ARGS="-k name -x" to narrow it)
+#   make bench  benchmark against a raw-SDK baseline (QUICK=1: < 5 min; see bench/README.md)
 #   make lint   ruff lint + format check + mypy (pydantic plugin)
 # The virtualenv is created on first use and reinstalled only when pyproject.toml changes.
 
@@ -9,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test lint format
+.PHONY: venv run test lint format bench
 
 venv: $(STAMP)
 
@@ -25,6 +26,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
