@@ -1,11 +1,15 @@
-"""The SMTP sender the notification activities use (async, aiosmtplib)."""
+"""The SMTP sender the notification activities and the mail dispatcher use (async, aiosmtplib)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 import aiosmtplib
+
+Send = Callable[[list[str], str, str], Awaitable[None]]
 
 
 class SmtpSender:
@@ -15,8 +19,7 @@ class SmtpSender:
         self.timeout = timeout
         self.mail_from = mail_from
 
-    async def send(self, recipients: list[str], subject: str, body: str) -> None:
-        """Send one plain-text mail; raises on any SMTP or connection failure."""
+    def _message(self, recipients: list[str], subject: str, body: str) -> EmailMessage:
         message = EmailMessage()
         message["From"] = self.mail_from
         message["To"] = ", ".join(recipients)
@@ -24,11 +27,29 @@ class SmtpSender:
         message["Date"] = formatdate(localtime=False)
         message["Message-ID"] = make_msgid(domain="procflow")
         message.set_content(body)
-        await aiosmtplib.send(
-            message,
-            sender=self.mail_from,
-            recipients=recipients,
-            hostname=self.host,
-            port=self.port,
-            timeout=self.timeout,
-        )
+        return message
+
+    async def send(self, recipients: list[str], subject: str, body: str) -> None:
+        """Send one plain-text mail; raises on any SMTP or connection failure."""
+        async with self.connection() as send:
+            await send(recipients, subject, body)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Send]:
+        """One SMTP session for several mails: yields a `send(recipients, subject, body)` that
+        raises on a refused mail; connecting raises on a connection failure."""
+        smtp = aiosmtplib.SMTP(hostname=self.host, port=self.port, timeout=self.timeout)
+        await smtp.connect()
+
+        async def send(recipients: list[str], subject: str, body: str) -> None:
+            await smtp.send_message(
+                self._message(recipients, subject, body),
+                sender=self.mail_from,
+                recipients=recipients,
+            )
+
+        try:
+            yield send
+        finally:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await smtp.quit()

@@ -93,15 +93,6 @@ class AuditRecord(BaseModel):
     at: datetime
 
 
-class ProjectionBatch(BaseModel):
-    """Several read-model writes applied in one transaction (one activity round trip)."""
-
-    order: OrderRecord | None = None
-    stage: StageChange | None = None
-    tasks: list[TaskSnapshot] = Field(default_factory=list)
-    audit: list[AuditRecord] = Field(default_factory=list)
-
-
 class Notification(BaseModel):
     """A mail to users (by name), roles (all active users holding them) and/or addresses."""
 
@@ -112,6 +103,16 @@ class Notification(BaseModel):
     to_emails: list[str] = Field(default_factory=list)
     subject: str
     body: str
+
+
+class ProjectionBatch(BaseModel):
+    """Several read-model writes, and the mails of the step, applied in one transaction."""
+
+    order: OrderRecord | None = None
+    stage: StageChange | None = None
+    tasks: list[TaskSnapshot] = Field(default_factory=list)
+    audit: list[AuditRecord] = Field(default_factory=list)
+    mails: list[Notification] = Field(default_factory=list)  # queued in the outbox
 
 
 class NotificationResult(BaseModel):
@@ -189,4 +190,4 @@ PAYMENT_DECLINED = "PaymentDeclined"
 PROVIDER_UNAVAILABLE = "PaymentProviderUnavailable"
 OUT_OF_STOCK = "OutOfStock"
 POLICY_INVALID = "PolicyInvalid"
-NON_RETRYABLE_ERRORS = [PAYMENT_DECLINED, OUT_OF_STOCK, POLICY_INVALID]
+NON_RETRYABLE_ERRORS = (PAYMENT_DECLINED, OUT_OF_STOCK, POLICY_INVALID)

@@ -1,8 +1,26 @@
-"""Notification activities: mail to users, roles and addresses through an outbox row."""
+"""Mail to users, roles and addresses, through the outbox table.
+
+Two ways in, one way out:
+- the `project` activity (activities/records.py) queues a step's mails as outbox rows in the
+  same transaction as its read-model writes (`queue_mails`), and wakes the dispatcher;
+- the `notify` activity queues one mail and sends it at once (instances started before the
+  outbox existed still schedule it, so it stays registered).
+The `MailDispatcher` runs beside each worker: it claims due rows with a lease (so that several
+workers never send one row together), sends them over one SMTP session, marks them sent, and
+retries failures with exponential backoff. Delivery is at least once: a crash between the SMTP
+answer and marking the row sent sends that mail again.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import aiosmtplib
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
@@ -10,6 +28,8 @@ from temporalio import activity
 from activities.mail import SmtpSender
 from activities.models import Notification, NotificationResult
 from core.db import OutboxMessage, User, utcnow
+
+log = logging.getLogger(__name__)
 
 
 class NotificationActivities:
@@ -27,7 +47,7 @@ class NotificationActivities:
                 return NotificationResult(
                     recipients=list(row.recipients), sent=bool(row.recipients), duplicate=True
                 )
-            recipients = await _resolve_recipients(session, note)
+            recipients = (await resolve_recipients(session, [note]))[0]
             if row is None:
                 row = OutboxMessage(
                     idempotency_key=note.idempotency_key,
@@ -35,7 +55,7 @@ class NotificationActivities:
                     recipients=recipients,
                     subject=note.subject,
                     body=note.body,
-                    status="pending",
+                    status="sending",  # this activity's to send (and retry), not the dispatcher's
                 )
                 session.add(row)
                 try:
@@ -65,16 +85,204 @@ async def _outbox_row(session: AsyncSession, key: str) -> OutboxMessage | None:
     ).scalar_one_or_none()
 
 
-async def _resolve_recipients(session: AsyncSession, note: Notification) -> list[str]:
-    emails: set[str] = {e for e in note.to_emails if e}
-    if note.to_users:
-        users = (
-            await session.execute(select(User).where(User.username.in_(note.to_users)))
-        ).scalars()
-        emails.update(u.email for u in users if u.email)
-    if note.to_roles:
-        wanted = set(note.to_roles)
+async def resolve_recipients(session: AsyncSession, notes: list[Notification]) -> list[list[str]]:
+    """The addresses of each note: its addresses, its users' and its roles' active users'."""
+    names = {u for n in notes for u in n.to_users}
+    wanted = {r for n in notes for r in n.to_roles}
+    users: list[User] = []
+    if names or wanted:
         # roles is a JSON list: filtered here, which stays portable across SQLite and PostgreSQL
-        active = (await session.execute(select(User).where(User.active.is_(True)))).scalars()
-        emails.update(u.email for u in active if u.email and wanted.intersection(u.roles or []))
-    return sorted(emails)
+        query = select(User)
+        if not wanted:
+            query = query.where(User.username.in_(names))
+        users = list((await session.execute(query)).scalars())
+    result = []
+    for note in notes:
+        emails: set[str] = {e for e in note.to_emails if e}
+        roles = set(note.to_roles)
+        for u in users:
+            if not u.email:
+                continue
+            if u.username in note.to_users or (u.active and roles.intersection(u.roles or [])):
+                emails.add(u.email)
+        result.append(sorted(emails))
+    return result
+
+
+def outbox_rows(notes: list[Notification], recipients: list[list[str]]) -> list[dict]:
+    """Rows for `queue_mails`' INSERT ... ON CONFLICT DO NOTHING (the key decides)."""
+    now = utcnow()
+    return [
+        {
+            "idempotency_key": n.idempotency_key,
+            "workflow_id": n.workflow_id,
+            "recipients": to,
+            "subject": n.subject,
+            "body": n.body,
+            "status": "pending",
+            "created_at": now,
+            "attempts": 0,
+        }
+        for n, to in zip(notes, recipients, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    key: str
+    recipients: list[str]
+    subject: str
+    body: str
+    attempts: int
+
+
+class MailDispatcher:
+    """Delivers queued outbox rows; one per worker process, any number of processes."""
+
+    def __init__(
+        self,
+        session_factory: async_sessionmaker,
+        sender: SmtpSender,
+        *,
+        poll_s: float = 2.0,
+        batch_size: int = 50,
+        lease_s: float = 60.0,
+        first_backoff_s: float = 1.0,
+        max_backoff_s: float = 600.0,
+    ) -> None:
+        self._sessions = session_factory
+        self._sender = sender
+        self.poll_s = poll_s
+        self.batch_size = batch_size
+        self.lease = timedelta(seconds=lease_s)
+        self.first_backoff_s = first_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.sent = 0  # mails this dispatcher delivered
+        self.failures = 0  # attempts that failed (each retried later)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def wake(self) -> None:
+        """New rows are queued: deliver now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="mail-dispatcher")
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Stop polling; deliver what is due once more, for at most `drain_s` seconds."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.deliver_due(), drain_s)
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                delivered = await self.deliver_due()
+            except Exception:  # the database is away: try again at the next poll
+                log.exception("mail dispatcher: could not read the outbox")
+                delivered = 0
+            if delivered >= self.batch_size:
+                continue  # there may be more
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+
+    # ---------------------------------------------------------------- delivery
+    async def deliver_due(self) -> int:
+        """Claim up to `batch_size` due rows, send them; returns how many were claimed."""
+        rows = await self._claim()
+        if not rows:
+            return 0
+        pending = list(rows)
+        try:
+            if any(r.recipients for r in rows):
+                async with self._sender.connection() as send:
+                    while pending:
+                        row = pending[0]
+                        if row.recipients:
+                            try:
+                                await send(row.recipients, row.subject, row.body)
+                            except aiosmtplib.SMTPResponseException as refused:
+                                pending.pop(0)  # this mail was refused; the session goes on
+                                await self._failed(row, refused)
+                                continue
+                        pending.pop(0)
+                        await self._sent(row)
+            else:
+                for row in rows:
+                    await self._sent(row)
+                pending.clear()
+        except (OSError, TimeoutError, aiosmtplib.SMTPException) as err:
+            for row in pending:  # the server is away: every mail not sent yet waits
+                await self._failed(row, err)
+        return len(rows)
+
+    async def _claim(self) -> list[_Claimed]:
+        now = utcnow()
+        claimable = (
+            OutboxMessage.status == "pending",
+            or_(OutboxMessage.next_attempt_at.is_(None), OutboxMessage.next_attempt_at <= now),
+            or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now),
+        )
+        due = select(OutboxMessage.id).where(*claimable).order_by(OutboxMessage.id)
+        # One statement: SQLite runs it alone; on PostgreSQL a concurrent claimer blocks on
+        # the row and then re-checks the conditions against the committed lease, so it skips.
+        stmt = (
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(due.limit(self.batch_size)), *claimable)
+            .values(lease_until=now + self.lease)
+            .returning(
+                OutboxMessage.id,
+                OutboxMessage.idempotency_key,
+                OutboxMessage.recipients,
+                OutboxMessage.subject,
+                OutboxMessage.body,
+                OutboxMessage.attempts,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        async with self._sessions.begin() as session:
+            result = (await session.execute(stmt)).all()
+        return sorted((_Claimed(*r) for r in result), key=lambda r: r.id)
+
+    async def _sent(self, row: _Claimed) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id == row.id)
+                .values(status="sent", sent_at=utcnow(), lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+        if row.recipients:
+            self.sent += 1
+            log.info("mail %s sent to %s", row.key, row.recipients)
+        else:
+            log.warning("mail %s has no recipients", row.key)
+
+    async def _failed(self, row: _Claimed, err: BaseException) -> None:
+        self.failures += 1
+        attempts = row.attempts + 1
+        delay = min(self.max_backoff_s, self.first_backoff_s * 2 ** (attempts - 1))
+        log.warning(
+            "mail %s: attempt %s failed (%s); next in %.0f s", row.key, attempts, err, delay
+        )
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id == row.id)
+                .values(
+                    attempts=attempts,
+                    next_attempt_at=utcnow() + timedelta(seconds=delay),
+                    lease_until=None,
+                    last_error=str(err)[:1000] or type(err).__name__,
+                )
+                .execution_options(synchronize_session=False)
+            )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import Insert, delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -16,7 +18,17 @@ from activities.models import (
     StageChange,
     TaskSnapshot,
 )
-from core.db import AuditEntry, Base, Order, OrderLine, PolicyVersion, TaskCandidate, TaskRow
+from activities.notifications import outbox_rows, resolve_recipients
+from core.db import (
+    AuditEntry,
+    Base,
+    Order,
+    OrderLine,
+    OutboxMessage,
+    PolicyVersion,
+    TaskCandidate,
+    TaskRow,
+)
 
 _TASK_FIELDS = (
     "workflow_id",
@@ -40,8 +52,11 @@ _TASK_FIELDS = (
 
 
 class RecordActivities:
-    def __init__(self, session_factory: async_sessionmaker) -> None:
+    def __init__(
+        self, session_factory: async_sessionmaker, mail_queued: Callable[[], None] | None = None
+    ) -> None:
         self._sessions = session_factory
+        self._mail_queued = mail_queued  # the mail dispatcher's wake-up, if one runs here
 
     @activity.defn(name="load_policy")
     async def load_policy(self, request: PolicyRequest) -> PolicyDocument:
@@ -64,7 +79,8 @@ class RecordActivities:
 
     @activity.defn(name="project")
     async def project(self, batch: ProjectionBatch) -> None:
-        """Apply a batch of read-model writes in one transaction; applying it twice is a no-op."""
+        """Apply a batch of read-model writes and queue its mails in one transaction; applying
+        it twice is a no-op. Workflows run it as a local activity (see workflows/runtime.py)."""
         async with self._sessions.begin() as session:
             if batch.order is not None:
                 await _insert_order(session, batch.order, batch.stage)
@@ -73,6 +89,13 @@ class RecordActivities:
             for snapshot in batch.tasks:
                 await _upsert_task(session, snapshot)
             await _insert_audit(session, batch.audit)
+            if batch.mails:
+                recipients = await resolve_recipients(session, batch.mails)
+                await session.execute(
+                    _insert_or_ignore(session, OutboxMessage), outbox_rows(batch.mails, recipients)
+                )
+        if batch.mails and self._mail_queued is not None:
+            self._mail_queued()
 
 
 def _insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:

@@ -100,12 +100,16 @@ async def get_current_user(
     user = await session.get(User, claims["sub"])
     if user is None or not user.active:
         raise unauthorized("unknown or inactive user")
-    return Principal(
+    principal = Principal(
         username=user.username,
         display_name=user.display_name,
         email=user.email,
         roles=list(user.roles or []),
     )
+    # Give the connection back: a handler that waits on Temporal must not hold one (the
+    # session opens a new one if the handler queries).
+    await session.close()
+    return principal
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]

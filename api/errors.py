@@ -109,12 +109,17 @@ def _unavailable(detail: str) -> JSONResponse:
     )
 
 
+# Temporal's NOT_FOUND messages for an update or signal that reached an instance as it closed:
+# sent to a closed execution, or admitted while the task that completes it was running.
+_ENDED_MESSAGES = ("already completed", "aborted by closing workflow")
+
+
 def is_process_ended(err: BaseException) -> bool:
-    """Temporal's answer to an update or signal sent to a closed workflow execution."""
+    """Temporal's answer to an update or signal sent to a closed (or closing) execution."""
     return (
         isinstance(err, RPCError)
         and err.status == RPCStatusCode.NOT_FOUND
-        and "already completed" in err.message.lower()
+        and any(m in err.message.lower() for m in _ENDED_MESSAGES)
     )
 
 

@@ -114,7 +114,11 @@ class TaskRow(Base):
     """Read model of human tasks: the inbox reads this, never Temporal visibility."""
 
     __tablename__ = "tasks"
-    __table_args__ = (Index("ix_tasks_open", "status", "assignee"),)
+    __table_args__ = (
+        Index("ix_tasks_open", "status", "assignee"),
+        # the inbox pages open tasks oldest first: walked in order, it stops after one page
+        Index("ix_tasks_inbox_order", "status", "created_at", "task_id"),
+    )
     task_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     workflow_id: Mapped[str] = mapped_column(String(200), index=True)
     process_type: Mapped[str] = mapped_column(String(64))
@@ -184,9 +188,15 @@ class OutboxMessage(Base):
     recipients: Mapped[list[str]] = mapped_column(JSON)
     subject: Mapped[str] = mapped_column(String(400))
     body: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16))  # pending | sent
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | sending | sent
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
+    # delivery by the mail dispatcher: failed attempts so far, when to try again, until when
+    # a dispatcher holds the row, and the last failure
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class StockItem(Base):

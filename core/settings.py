@@ -40,6 +40,24 @@ class Settings(BaseSettings):
     smtp_port: int = 8025
     smtp_timeout_s: float = 10.0
     mail_from: str = "procflow@localhost"
+    mail_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="the worker's mail dispatcher looks for due outbox rows this often (it is "
+        "also woken at once when its own worker queues mail)",
+    )
+    mail_batch_size: int = Field(50, ge=1, description="outbox rows claimed per SMTP session")
+    mail_max_backoff_s: float = Field(
+        600.0, gt=0, description="longest wait before retrying a mail the SMTP server refused"
+    )
+
+    # Worker
+    worker_max_cached_workflows: int = Field(
+        1000,
+        ge=0,
+        description="instances a worker keeps in memory (about 0.15 MB each); the least recent "
+        "beyond it are evicted and replayed from history on their next step",
+    )
 
     # Credentials
     jwt_secret: str = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import BaseModel
@@ -12,9 +13,9 @@ from workflows.policy import ApprovalTier
 
 APPROVED = "approved"
 REJECTED = "rejected"
-APPROVAL_OUTCOMES = [APPROVED, REJECTED]
+APPROVAL_OUTCOMES = (APPROVED, REJECTED)
 # A rejection must say why.
-APPROVAL_REQUIRED_FIELDS = {REJECTED: ["comment"]}
+APPROVAL_REQUIRED_FIELDS = MappingProxyType({REJECTED: ("comment",)})
 
 
 class ApprovalLevel(BaseModel):

@@ -9,7 +9,9 @@ with the workflow, which runs them as activities.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,12 +108,14 @@ class TaskActionInput(BaseModel):
     comment: str = ""
 
 
-_PAST = {
-    "claim": "claimed",
-    "release": "released",
-    "delegate": "delegated",
-    "reassign": "reassigned",
-}
+_PAST = MappingProxyType(
+    {
+        "claim": "claimed",
+        "release": "released",
+        "delegate": "delegated",
+        "reassign": "reassigned",
+    }
+)
 
 Due = tuple[datetime, Literal["remind", "escalate", "deadline"], HumanTask]
 
@@ -135,11 +139,11 @@ class TaskBoard:
         *,
         name: str,
         kind: Literal["approval", "acknowledgement", "payment"],
-        candidate_roles: list[str],
-        outcomes: list[str],
+        candidate_roles: Sequence[str],
+        outcomes: Sequence[str],
         now: datetime,
         times: TaskTimes,
-        required_fields: dict[str, list[str]] | None = None,
+        required_fields: Mapping[str, Sequence[str]] | None = None,
         four_eyes: bool = True,
     ) -> HumanTask:
         self._seq += 1
@@ -149,7 +153,7 @@ class TaskBoard:
             kind=kind,
             candidate_roles=list(candidate_roles),
             outcomes=list(outcomes),
-            required_fields=required_fields or {},
+            required_fields={k: list(v) for k, v in (required_fields or {}).items()},
             requester=self.requester,
             four_eyes=four_eyes,
             created_at=now,

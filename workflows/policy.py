@@ -7,8 +7,10 @@ built-in defaults below (no version published yet).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -94,7 +96,7 @@ class SalesOrderPolicy(BaseModel):
         return sorted(tiers, key=lambda t: t.min_amount)
 
 
-POLICY_MODELS: dict[str, type[BaseModel]] = {"sales_order": SalesOrderPolicy}
+POLICY_MODELS: Mapping[str, type[BaseModel]] = MappingProxyType({"sales_order": SalesOrderPolicy})
 
 
 def default_policy_document(process_type: str) -> dict:

@@ -1,6 +1,8 @@
 """What every process workflow needs around its human tasks, kept in one place:
 
-- the read-model projection (tasks, stage, audit) batched into one `project` activity per step;
+- the read-model projection (tasks, stage, audit) and the step's mails batched into one
+  `project` local activity per step (mails are queued in the outbox in the same transaction;
+  the worker's mail dispatcher sends them);
 - the PendingRoles search attribute and the instance's current details kept current;
 - waiting for a condition while firing task timers (reminder, escalation, deadline);
 - "settling": an update handler that changed something waits until the main loop has acted on
@@ -16,12 +18,38 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 
 with workflow.unsafe.imports_passed_through():
-    from activities.models import AuditRecord, ProjectionBatch, StageChange, TaskSnapshot
+    from activities.models import (
+        AuditRecord,
+        Notification,
+        ProjectionBatch,
+        StageChange,
+        TaskSnapshot,
+    )
     from core.temporal import PENDING_ROLES
 
 from workflows.human_task import HumanTask, TaskBoard
+
+# Since 2026-11-23: the projection and policy lookup run as local activities (in the workflow
+# task, no server round trip), a step's mails go into the projection's transaction (outbox)
+# instead of one `notify` activity each, a step's search attributes go out in one upsert with
+# the projection, and update handlers leave the projection to the main loop, which writes it
+# before it settles them. Instances started before keep the old commands
+# for their whole life (tests/histories replay both).
+LOCAL_PROJECTION = "local-projection-outbox"
+PROJECT_TIMEOUT = timedelta(seconds=30)
+
+
+# A failed projection is a busy or briefly unreachable database: retry soon, and keep trying
+# (the workflow task heartbeats meanwhile; past a minute the SDK waits on a durable timer).
+def local_retry() -> RetryPolicy:
+    return RetryPolicy(
+        initial_interval=timedelta(milliseconds=200),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=5),
+    )
 
 
 class Stop(Exception):
@@ -43,7 +71,7 @@ class ProcessRuntime:
         self.board = TaskBoard(workflow_id, requester)
         self.batch = ProjectionBatch()
         self.stage: StageChange | None = None
-        self.audit_log: list[AuditRecord] = []
+        self.audit_count = 0  # entries so far (they live in the read model, not in memory)
         self.revision = 0
         self.done = False
         self.waiting_for = ""
@@ -51,6 +79,8 @@ class ProcessRuntime:
         self._events = 0  # changes made by handlers
         self._settled = 0  # changes the main loop has acted upon
         self._inflight = 0  # event handlers (signals) still running their activities
+        self.local = workflow.patched(LOCAL_PROJECTION)  # decided once, at the first task
+        self._upserts: dict[str, SearchAttributeUpdate] = {}  # by attribute, until the flush
 
     # ------------------------------------------------------------------ projection
     def task_changed(self, task: HumanTask) -> None:
@@ -89,7 +119,7 @@ class ProcessRuntime:
         task_id: str | None = None,
     ) -> None:
         entry = AuditRecord(
-            event_key=f"{self.workflow_id}:{len(self.audit_log) + 1}",
+            event_key=f"{self.workflow_id}:{self.audit_count + 1}",
             workflow_id=self.workflow_id,
             task_id=task_id,
             actor=actor,
@@ -98,7 +128,7 @@ class ProcessRuntime:
             details=details or {},
             at=workflow.now(),
         )
-        self.audit_log.append(entry)
+        self.audit_count += 1
         self.batch.audit.append(entry)
 
     async def flush(self) -> None:
@@ -106,17 +136,63 @@ class ProcessRuntime:
         roles = self.board.pending_roles()
         if roles != self._pending_roles:
             self._pending_roles = roles
-            workflow.upsert_search_attributes([PENDING_ROLES.value_set(roles)])
+            self.upsert(PENDING_ROLES.value_set(roles))
+        if self._upserts:  # one command (one visibility write) for the step's changes
+            workflow.upsert_search_attributes(list(self._upserts.values()))
+            self._upserts = {}
         batch, self.batch = self.batch, ProjectionBatch()
         batch.stage, self.stage = self.stage, None
-        if batch.order is None and batch.stage is None and not batch.tasks and not batch.audit:
+        if (
+            batch.order is None
+            and batch.stage is None
+            and not batch.tasks
+            and not batch.audit
+            and not batch.mails
+        ):
+            return
+        summary = (
+            f"record {len(batch.tasks)} task(s), {len(batch.audit)} audit entr(ies)"
+            + (f", stage {batch.stage.stage}" if batch.stage else "")
+            + (f", {len(batch.mails)} mail(s)" if batch.mails else "")
+        )
+        if self.local:
+            await workflow.execute_local_activity(
+                "project",
+                batch,
+                start_to_close_timeout=PROJECT_TIMEOUT,
+                retry_policy=local_retry(),
+                summary=summary,
+            )
+        else:
+            await workflow.execute_activity(
+                "project", batch, start_to_close_timeout=PROJECT_TIMEOUT, summary=summary
+            )
+
+    def upsert(self, *updates: SearchAttributeUpdate) -> None:
+        """Set search attributes; they reach visibility with the next projection (older
+        instances: at once, one command per call)."""
+        if not self.local:
+            workflow.upsert_search_attributes(list(updates))
+            return
+        for u in updates:
+            self._upserts[u.key.name] = u
+
+    async def handler_flush(self) -> None:
+        """An update handler's changes: written by the main loop before it settles the update
+        (one projection for the handler and the step it causes); older instances write here."""
+        if not self.local:
+            await self.flush()
+
+    async def mail(self, note: Notification) -> None:
+        """Queue a mail with the next projection (older instances: a `notify` activity now)."""
+        if self.local:
+            self.batch.mails.append(note)
             return
         await workflow.execute_activity(
-            "project",
-            batch,
+            "notify",
+            note,
             start_to_close_timeout=timedelta(seconds=30),
-            summary=f"record {len(batch.tasks)} task(s), {len(batch.audit)} audit entr(ies)"
-            + (f", stage {batch.stage.stage}" if batch.stage else ""),
+            summary=f"mail: {note.subject}",
         )
 
     # ------------------------------------------------------------------ waiting

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
@@ -52,9 +53,9 @@ class Stage(StrEnum):
     FAILED = "failed"
 
 
-TERMINAL_STAGES = {Stage.CLOSED, Stage.REJECTED, Stage.CANCELLED, Stage.FAILED}
+TERMINAL_STAGES = frozenset({Stage.CLOSED, Stage.REJECTED, Stage.CANCELLED, Stage.FAILED})
 # after shipment an order can no longer be cancelled or changed
-SHIPPED_OR_LATER = {Stage.SHIPPED, Stage.INVOICED} | TERMINAL_STAGES
+SHIPPED_OR_LATER = frozenset({Stage.SHIPPED, Stage.INVOICED}) | TERMINAL_STAGES
 
 Variant = Literal["standard", "prepaid_entry", "prepaid_warehouse"]
 
@@ -278,11 +279,11 @@ from workflows.human_task import (  # noqa: E402
     TaskTimes,
 )
 from workflows.policy import SalesOrderPolicy, TaskTimers  # noqa: E402
-from workflows.runtime import ProcessRuntime, Stop  # noqa: E402
+from workflows.runtime import ProcessRuntime, Stop, local_retry  # noqa: E402
 
 NOT_CANCELLABLE = "NotCancellable"
-CANCEL_ROLES = {MANAGER_ROLE}
-AMEND_ROLES = {"sales", MANAGER_ROLE}
+CANCEL_ROLES = frozenset({MANAGER_ROLE})
+AMEND_ROLES = frozenset({"sales", MANAGER_ROLE})
 
 
 def _retry() -> RetryPolicy:
@@ -374,13 +375,27 @@ class SalesOrderWorkflow:
 
     # ================================================================== steps
     async def _load_policy(self) -> None:
-        doc: PolicyDocument = await workflow.execute_activity(
-            "load_policy",
-            PolicyRequest(process_type=PROCESS_TYPE),
-            result_type=PolicyDocument,
-            start_to_close_timeout=timedelta(seconds=30),
-            summary="load the current sales order policy",
-        )
+        request = PolicyRequest(process_type=PROCESS_TYPE)
+        summary = "load the current sales order policy"
+        timeout = timedelta(seconds=30)
+        doc: PolicyDocument
+        if self.rt.local:
+            doc = await workflow.execute_local_activity(
+                "load_policy",
+                request,
+                result_type=PolicyDocument,
+                start_to_close_timeout=timeout,
+                retry_policy=local_retry(),
+                summary=summary,
+            )
+        else:
+            doc = await workflow.execute_activity(
+                "load_policy",
+                request,
+                result_type=PolicyDocument,
+                start_to_close_timeout=timeout,
+                summary=summary,
+            )
         if doc.version > 0:
             self.policy = SalesOrderPolicy.model_validate(doc.document)
         self.policy_version = doc.version
@@ -424,12 +439,10 @@ class SalesOrderWorkflow:
                 for i, line in enumerate(self.inp.lines)
             ],
         )
-        workflow.upsert_search_attributes(
-            [
-                PROCESS_TYPE_SA.value_set(PROCESS_TYPE),
-                CUSTOMER_ID.value_set(c.id),
-                AMOUNT.value_set(float(self.amount_due)),
-            ]
+        self.rt.upsert(
+            PROCESS_TYPE_SA.value_set(PROCESS_TYPE),
+            CUSTOMER_ID.value_set(c.id),
+            AMOUNT.value_set(float(self.amount_due)),
         )
 
     async def _approval_chain(self) -> None:
@@ -464,7 +477,8 @@ class SalesOrderWorkflow:
                     t, WITHDRAWN, SYSTEM_ACTOR, workflow.now(), comment=f"level {outcome}"
                 )
                 self.rt.task_changed(t)
-        await self.rt.flush()
+        if not self.rt.local:  # newer instances write it with the next step's projection
+            await self.rt.flush()
         return outcome
 
     async def _capture_installment(self, index: int) -> None:
@@ -708,7 +722,7 @@ class SalesOrderWorkflow:
         name: str,
         kind,
         roles: list[str],
-        outcomes: list[str],
+        outcomes: Sequence[str],
         timers: TaskTimers,
         required_fields=None,
         four_eyes: bool = True,
@@ -741,20 +755,22 @@ class SalesOrderWorkflow:
             at=workflow.now(),
         )
         self.rt.audit(SYSTEM_ACTOR, "stage", f"{stage}" + (f": {note}" if note else ""))
-        workflow.upsert_search_attributes([STAGE_SA.value_set(str(stage))])
-        await asyncio.gather(
-            self.rt.flush(),
-            self._notify_customer(
-                f"Order {self.inp.order_no}: {stage.replace('_', ' ')}",
-                f"Dear {self.inp.customer.company_name},\n\nyour order {self.inp.order_no} is "
-                f"now '{stage.replace('_', ' ')}'." + (f"\n{note}" if note else ""),
-                key=f"stage:{len(self.stages)}:{stage}",
-            ),
+        self.rt.upsert(STAGE_SA.value_set(str(stage)))
+        mail = self._notify_customer(
+            f"Order {self.inp.order_no}: {stage.replace('_', ' ')}",
+            f"Dear {self.inp.customer.company_name},\n\nyour order {self.inp.order_no} is "
+            f"now '{stage.replace('_', ' ')}'." + (f"\n{note}" if note else ""),
+            key=f"stage:{len(self.stages)}:{stage}",
         )
+        if self.rt.local:  # the mail goes into the projection's transaction
+            await mail
+            await self.rt.flush()
+        else:
+            await asyncio.gather(self.rt.flush(), mail)
 
     async def _notify_customer(self, subject: str, body: str, key: str | None = None) -> None:
         await self._notify(
-            key or f"customer:{len(self.rt.audit_log)}",
+            key or f"customer:{self.rt.audit_count}",
             subject,
             body,
             to_emails=[self.inp.customer.email],
@@ -774,8 +790,7 @@ class SalesOrderWorkflow:
     async def _notify(
         self, key: str, subject: str, body: str, *, to_users=(), to_roles=(), to_emails=()
     ) -> None:
-        await workflow.execute_activity(
-            "notify",
+        await self.rt.mail(
             Notification(
                 idempotency_key=f"{self.rt.workflow_id}:{key}",
                 workflow_id=self.rt.workflow_id,
@@ -784,9 +799,7 @@ class SalesOrderWorkflow:
                 to_emails=list(to_emails),
                 subject=subject,
                 body=body,
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
-            summary=f"mail: {subject}",
+            )
         )
 
     # ================================================================== derived values
@@ -876,7 +889,7 @@ class SalesOrderWorkflow:
             task_id=task.task_id,
         )
         ticket = self.rt.changed()
-        await self.rt.flush()
+        await self.rt.handler_flush()
         await self.rt.settled(ticket)
         return DecideResult(task=_view(task), stage=self.stage)
 
@@ -898,7 +911,7 @@ class SalesOrderWorkflow:
         ticket = self.rt.changed()
         if action in ("delegate", "reassign") and task.assignee:
             await self._notify_candidates([task], f"Task assigned to you: {task.name}")
-        await self.rt.flush()
+        await self.rt.handler_flush()
         # Since 2026-11: a claim or delegation answers once the instance is waiting again, so
         # the caller sees a stable state. Instances started before keep answering at once.
         if workflow.patched("task-action-settles"):
@@ -966,7 +979,7 @@ class SalesOrderWorkflow:
             at=workflow.now(),
         )
         ticket = self.rt.changed()
-        await self.rt.flush()
+        await self.rt.handler_flush()
         await self._notify_candidates(
             tasks, f"SPECIAL CHANGE on order {self.inp.order_no}: acknowledge before it proceeds"
         )

@@ -130,6 +130,7 @@ async def _decide(
         reason = f"{user.username} requested this process and may not decide its own task"
         await _audit_refusal(session, row, user, outcome, FOUR_EYES, reason)
         raise HTTPException(status.HTTP_403_FORBIDDEN, reason)
+    await session.close()  # no database connection held while the process moves on
     try:
         with not_found_as(f"task {task_id} not found"):
             return await _handle(client, row).execute_update(
@@ -215,6 +216,7 @@ async def _action(
         if target is None or not target.active:
             raise field_error("to_user", f"no active user named {to_user}")
     update = getattr(SalesOrderWorkflow, action)
+    await session.close()  # no database connection held while the process moves on
     with not_found_as(f"task {task_id} not found"):
         return await _handle(client, row).execute_update(
             update,

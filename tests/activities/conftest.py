@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.testing import ActivityEnvironment
 
-from core.db import StockItem
+from core.db import StockItem, User
 
 
 @pytest.fixture
@@ -30,3 +30,25 @@ async def stock(sessions: async_sessionmaker) -> dict[str, Decimal]:
         for sku, on_hand in levels.items():
             session.add(StockItem(sku=sku, description=sku, on_hand=on_hand, reserved=0))
     return levels
+
+
+@pytest.fixture
+async def users(sessions) -> None:
+    """Four users: alice (requester), victor (vice-president), vera (both), olga (inactive)."""
+    async with sessions.begin() as session:
+        for name, roles, active in [
+            ("alice", ["requester"], True),
+            ("victor", ["vice-president"], True),
+            ("vera", ["requester", "vice-president"], True),
+            ("olga", ["vice-president"], False),
+        ]:
+            session.add(
+                User(
+                    username=name,
+                    display_name=name,
+                    email=f"{name}@example.com",
+                    password_hash="x",
+                    roles=roles,
+                    active=active,
+                )
+            )

@@ -14,31 +14,10 @@ from sqlalchemy import select
 from activities.mail import SmtpSender
 from activities.models import Notification
 from activities.notifications import NotificationActivities
-from core.db import OutboxMessage, User
+from core.db import OutboxMessage
 from scripts.mailsink import MailSink, PortBusyError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def users(sessions) -> None:
-    async with sessions.begin() as session:
-        for name, roles, active in [
-            ("alice", ["requester"], True),
-            ("victor", ["vice-president"], True),
-            ("vera", ["requester", "vice-president"], True),
-            ("olga", ["vice-president"], False),
-        ]:
-            session.add(
-                User(
-                    username=name,
-                    display_name=name,
-                    email=f"{name}@example.com",
-                    password_hash="x",
-                    roles=roles,
-                    active=active,
-                )
-            )
 
 
 def _sender(sink: MailSink) -> SmtpSender:

@@ -107,6 +107,7 @@ class Fakes:
         @activity.defn(name="project")
         async def project(batch: ProjectionBatch) -> None:
             f.batches.append(batch)
+            f.mails.extend(batch.mails)  # queued in the outbox by the real activity
 
         @activity.defn(name="notify")
         async def notify(n: Notification) -> NotificationResult:

@@ -19,6 +19,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from workflows.runtime import LOCAL_PROJECTION
 from workflows.sales_order import SalesOrderWorkflow
 
 HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
@@ -37,6 +38,25 @@ def test_histories_are_recorded_for_the_main_paths():
         "claim_release",
     ):
         assert path in names, f"no recorded history for {path}"
+
+
+def _patches(path: Path) -> set[str]:
+    document = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(document["workflow_id"], document["history"])
+    return {
+        json.loads(e.marker_recorded_event_attributes.details["patch-data"].payloads[0].data)["id"]
+        for e in history.events
+        if e.marker_recorded_event_attributes.marker_name == "core_patch"
+    }
+
+
+def test_histories_replay_both_sides_of_the_local_projection_patch():
+    """Instances from before the change (one `project` and one `notify` activity per step) and
+    after it (local projection with the mails in the outbox) must both replay."""
+    patched = [p for p in HISTORIES if LOCAL_PROJECTION in _patches(p)]
+    before = [p for p in HISTORIES if p.stem.endswith("before_local_projection")]
+    assert len(patched) >= 8 and len(before) >= 8
+    assert not any(LOCAL_PROJECTION in _patches(p) for p in before)
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)

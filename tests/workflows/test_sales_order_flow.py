@@ -137,10 +137,11 @@ async def test_current_details_tell_operators_what_the_instance_waits_for(harnes
     assert "vice-president approval" in details
     assert task.task_id in details and "roles vice-president may act" in details
     assert "open since" in details
-    # activities carry readable summaries too
+    # activities (local ones on their markers) carry readable summaries too
     summaries = [
         e.user_metadata.summary.data
         async for e in h.fetch_history_events()
-        if e.HasField("activity_task_scheduled_event_attributes")
+        if e.HasField("user_metadata")
     ]
     assert any(b"load the current sales order policy" in s for s in summaries)
+    assert any(b"record 1 task(s)" in s and b"1 mail(s)" in s for s in summaries)
