@@ -1,7 +1,8 @@
 """The baseline: a thin raw-SDK workflow with the shape of a sales order, and its worker.
 
 `BaselineOrderWorkflow` runs, per segment, as many no-op activities as the real sales order
-schedules there (counted from a real history by bench.run), and between segments waits (with
+schedules there, local where the sales order's are local, in the same batches and order
+(counted from a real history by bench.run), and between segments waits (with
 a timer, as the sales order's task deadlines do) for one decision update or one payment signal.
 Updates answer once the workflow waits again or has ended, as the sales order's `decide` does.
 `TrivialWorkflow` only answers a trivial update: the raw round trip for the decision latency.
@@ -25,11 +26,19 @@ from temporalio.worker import Worker
 WAIT_TIMEOUT = timedelta(days=7)
 
 
-class Shape(BaseModel):
-    """Per segment, the activity batches (activities scheduled together run concurrently); a
-    decision update or payment signal separates two segments."""
+class Batch(BaseModel):
+    """Activities scheduled together (they run concurrently); local ones run in the workflow
+    task, without a round trip through the server."""
 
-    segments: list[list[int]]
+    size: int
+    local: bool = False
+
+
+class Shape(BaseModel):
+    """Per segment, the activity batches in order; a decision update or payment signal
+    separates two segments."""
+
+    segments: list[list[Batch]]
 
 
 class Step(BaseModel):
@@ -53,13 +62,12 @@ class BaselineOrderWorkflow:
     async def run(self, shape: Shape) -> str:
         last = len(shape.segments) - 1
         for i, batches in enumerate(shape.segments):
-            for size in batches:
+            for batch in batches:
+                run = workflow.execute_local_activity if batch.local else workflow.execute_activity
                 await asyncio.gather(
                     *(
-                        workflow.execute_activity(
-                            noop, Step(n=n), start_to_close_timeout=timedelta(seconds=30)
-                        )
-                        for n in range(size)
+                        run(noop, Step(n=n), start_to_close_timeout=timedelta(seconds=30))
+                        for n in range(batch.size)
                     )
                 )
             if i < last:

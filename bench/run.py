@@ -38,7 +38,8 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from api.app import create_app
-from bench.baseline import BaselineOrderWorkflow, Shape, Step, TrivialWorkflow
+from bench.baseline import BaselineOrderWorkflow, Batch, Shape, Step, TrivialWorkflow
+from bench.profile import CpuMeter, Profiler
 from core.db import TaskCandidate, TaskRow, make_engine, make_session_factory
 from core.settings import Settings
 from scripts.mailsink import MailSink
@@ -356,10 +357,23 @@ async def run_baseline(
 # ------------------------------------------------------------------------------ histories
 @dataclass
 class HistoryShape:
-    activities: Counter
-    segments: list[list[int]]  # activity batches per segment
+    activities: Counter  # per type; local ones as "type (local)"
+    segments: list[list[Batch]]  # activity batches per segment
     timers: int
     updates: Counter
+
+
+LOCAL_ACTIVITY_MARKER = "core_local_activity"  # the marker the SDK records per local activity
+
+
+def _local_activity_type(e) -> str:
+    data = e.marker_recorded_event_attributes.details["data"].payloads[0].data
+    return json.loads(data).get("activity_type", "?")
+
+
+def _compact(segments: list[list[Batch]]) -> list[list[str]]:
+    """ "R2" for two remote activities scheduled together, "L1" for one local activity."""
+    return [[f"{'L' if b.local else 'R'}{b.size}" for b in seg] for seg in segments]
 
 
 async def history_shape(client: Client, wid: str) -> HistoryShape:
@@ -367,18 +381,26 @@ async def history_shape(client: Client, wid: str) -> HistoryShape:
     history = await client.get_workflow_handle(wid).fetch_history()
     acts: Counter = Counter()
     updates: Counter = Counter()
-    segments: list[list[int]] = [[]]
-    batch_of = None  # the workflow task that scheduled the last activity
+    segments: list[list[Batch]] = [[]]
+    batch_of = None  # the workflow task that scheduled the last remote activity
     timers = 0
     for e in history.events:
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             attrs = e.activity_task_scheduled_event_attributes
             acts[attrs.activity_type.name] += 1
-            if segments[-1] and attrs.workflow_task_completed_event_id == batch_of:
-                segments[-1][-1] += 1
+            last = segments[-1][-1] if segments[-1] else None
+            if last and not last.local and attrs.workflow_task_completed_event_id == batch_of:
+                last.size += 1
             else:
-                segments[-1].append(1)
+                segments[-1].append(Batch(size=1))
             batch_of = attrs.workflow_task_completed_event_id
+        elif (
+            e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+            and e.marker_recorded_event_attributes.marker_name == LOCAL_ACTIVITY_MARKER
+        ):
+            acts[f"{_local_activity_type(e)} (local)"] += 1
+            segments[-1].append(Batch(size=1, local=True))  # procflow awaits each in turn
+            batch_of = None
         elif e.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
             timers += 1
         elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
@@ -393,7 +415,7 @@ async def history_shape(client: Client, wid: str) -> HistoryShape:
 
 
 # ------------------------------------------------------------------------------ the run
-async def bench(sizes: Sizes, quick: bool) -> dict[str, Any]:
+async def bench(sizes: Sizes, quick: bool, profile: Path | None = None) -> dict[str, Any]:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # stop cleanly
@@ -453,7 +475,15 @@ async def bench(sizes: Sizes, quick: bool) -> dict[str, Any]:
                 api = Api(http)
                 for user in ("alice", "victor", "diana", "fiona"):
                     await api.headers(user)
-                await _measure(results, sizes, api, client, sessions, worker, base_queue)
+                pids = {
+                    "temporal": server.popen.pid,
+                    "worker": worker.popen.pid,
+                    "baseline_worker": base_worker.popen.pid,
+                    "bench_process": os.getpid(),
+                }
+                await _measure(
+                    results, sizes, api, client, sessions, worker, base_queue, pids, profile
+                )
                 await _wal(results, sizes, tmp, procs, client, base_queue)
                 if sizes.scale_orders:
                     await _scale_out(results, sizes, tmp, procs, client, base_cmd, base_queue)
@@ -480,6 +510,8 @@ async def _measure(
     sessions,
     worker: Proc,
     base_queue: str,
+    pids: dict[str, int],
+    profile: Path | None,
 ) -> None:
     run = uuid.uuid4().hex[:6]
     # ------------------------------------------------------------------ 1. end to end
@@ -495,7 +527,7 @@ async def _measure(
         k: {
             "activities": dict(s.activities),
             "activities_total": sum(s.activities.values()),
-            "segments": s.segments,
+            "segments": _compact(s.segments),
             "timers": s.timers,
             "updates_and_signals": dict(s.updates),
         }
@@ -503,22 +535,38 @@ async def _measure(
     }
     for k, s in shapes.items():
         say("e2e", f"{k}: {sum(s.activities.values())} activities {dict(s.activities)}")
-        say("e2e", f"{k}: segments {s.segments}, {s.timers} timers, {dict(s.updates)}")
+        say("e2e", f"{k}: segments {_compact(s.segments)}, {s.timers} timers, {dict(s.updates)}")
     base_shapes = {k: Shape(segments=s.segments) for k, s in shapes.items()}
     await run_baseline(client, base_queue, base_shapes, 3, "baseline")  # warm-up
 
     lat = Latencies()
     mix = list(enumerate(order_mix(sizes.orders)))
     say("e2e", f"{sizes.orders} orders through the API by {USERS} concurrent users")
+    meter = CpuMeter({k: pids[k] for k in ("temporal", "worker", "bench_process")})
+    profiler = Profiler(profile) if profile else None
+    if profiler:
+        profiler.start("worker", pids["worker"])
+        profiler.start("api_and_users", pids["bench_process"])
+    meter.start()
     t0 = time.perf_counter()
     await gather_limited(
         mix, lambda x: procflow_order(api, f"E{run}-{x[0]}", x[1], lat), USERS, "e2e"
     )
     e2e = sizes.orders / (time.perf_counter() - t0)
+    cpu_e2e = meter.stop()
+    if profiler:
+        results["profile"] = profiler.stop()
+        say("e2e", f"py-spy samples of the e2e phase in {profile}")
     say("e2e", f"{sizes.orders} orders closed: {e2e:.2f} orders/s")
     say("baseline", f"{sizes.orders} raw-SDK orders of the same shape, same server")
     BASELINE_MID_DECISIONS.clear()
+    meter = CpuMeter({k: pids[k] for k in ("temporal", "baseline_worker", "bench_process")})
+    meter.start()
     base = await run_baseline(client, base_queue, base_shapes, sizes.orders, "baseline")
+    cpu_base = meter.stop()
+    per_order = lambda cpu: {k: round(1000 * v / sizes.orders, 1) for k, v in cpu.items()}  # noqa: E731
+    results["cpu_ms_per_order"] = {"procflow": per_order(cpu_e2e), "baseline": per_order(cpu_base)}
+    say("e2e", f"CPU ms per order: {results['cpu_ms_per_order']}")
     results.update(
         e2e_orders_per_s=e2e,
         baseline_orders_per_s=base,
@@ -794,10 +842,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, < 5 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy the worker and the API during phase 1; raw samples into DIR",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     t0 = time.perf_counter()
-    results = asyncio.run(bench(sizes, args.quick))
+    results = asyncio.run(bench(sizes, args.quick, args.profile))
     results.pop("_shapes", None)
     results["duration_s"] = round(time.perf_counter() - t0, 1)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
