@@ -150,6 +150,7 @@ class MailDispatcher:
         lease_s: float = 60.0,
         first_backoff_s: float = 1.0,
         max_backoff_s: float = 600.0,
+        gather_s: float = 0.2,
     ) -> None:
         self._sessions = session_factory
         self._sender = sender
@@ -158,6 +159,7 @@ class MailDispatcher:
         self.lease = timedelta(seconds=lease_s)
         self.first_backoff_s = first_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.gather_s = gather_s
         self.sent = 0  # mails this dispatcher delivered
         self.failures = 0  # attempts that failed (each retried later)
         self._wake = asyncio.Event()
@@ -194,6 +196,9 @@ class MailDispatcher:
                 continue  # there may be more
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                # woken by a projection: let the steps running now queue theirs too, then
+                # deliver them together (fewer writes competing with the projections)
+                await asyncio.sleep(self.gather_s)
 
     # ---------------------------------------------------------------- delivery
     async def deliver_due(self) -> int:
@@ -202,6 +207,7 @@ class MailDispatcher:
         if not rows:
             return 0
         pending = list(rows)
+        sent: list[_Claimed] = []
         try:
             if any(r.recipients for r in rows):
                 async with self._sender.connection() as send:
@@ -214,15 +220,16 @@ class MailDispatcher:
                                 pending.pop(0)  # this mail was refused; the session goes on
                                 await self._failed(row, refused)
                                 continue
-                        pending.pop(0)
-                        await self._sent(row)
+                        sent.append(pending.pop(0))
             else:
-                for row in rows:
-                    await self._sent(row)
-                pending.clear()
+                sent, pending = pending, []
         except (OSError, TimeoutError, aiosmtplib.SMTPException) as err:
             for row in pending:  # the server is away: every mail not sent yet waits
                 await self._failed(row, err)
+        finally:
+            # one write for the batch (the records database may have one writer at a time);
+            # a crash before it sends these again once their lease ends (at least once)
+            await self._sent(sent)
         return len(rows)
 
     async def _claim(self) -> list[_Claimed]:
@@ -253,19 +260,22 @@ class MailDispatcher:
             result = (await session.execute(stmt)).all()
         return sorted((_Claimed(*r) for r in result), key=lambda r: r.id)
 
-    async def _sent(self, row: _Claimed) -> None:
+    async def _sent(self, rows: list[_Claimed]) -> None:
+        if not rows:
+            return
         async with self._sessions.begin() as session:
             await session.execute(
                 update(OutboxMessage)
-                .where(OutboxMessage.id == row.id)
+                .where(OutboxMessage.id.in_([r.id for r in rows]))
                 .values(status="sent", sent_at=utcnow(), lease_until=None)
                 .execution_options(synchronize_session=False)
             )
-        if row.recipients:
-            self.sent += 1
-            log.info("mail %s sent to %s", row.key, row.recipients)
-        else:
-            log.warning("mail %s has no recipients", row.key)
+        for row in rows:
+            if row.recipients:
+                self.sent += 1
+                log.info("mail %s sent to %s", row.key, row.recipients)
+            else:
+                log.warning("mail %s has no recipients", row.key)
 
     async def _failed(self, row: _Claimed, err: BaseException) -> None:
         self.failures += 1
