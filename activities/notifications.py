@@ -163,6 +163,7 @@ class MailDispatcher:
         self.sent = 0  # mails this dispatcher delivered
         self.failures = 0  # attempts that failed (each retried later)
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -172,30 +173,41 @@ class MailDispatcher:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping.clear()
             self._task = asyncio.create_task(self.run(), name="mail-dispatcher")
 
     async def stop(self, drain_s: float = 5.0) -> None:
-        """Stop polling; deliver what is due once more, for at most `drain_s` seconds."""
+        """Finish the running round, then deliver what is due once more (at most `drain_s`).
+
+        Stopped by a flag, not by cancelling the task: on Python 3.11 `asyncio.wait_for` can
+        swallow a cancellation that arrives as its inner wait completes, and the task would
+        then run on while `stop` waits for it (seen as a worker shutdown that never ended).
+        """
+        self._stopping.set()
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
             self._task = None
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.deliver_due(), drain_s)
+            async with asyncio.timeout(drain_s):
+                await self.deliver_due()
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             self._wake.clear()
             try:
                 delivered = await self.deliver_due()
             except Exception:  # the database is away: try again at the next poll
                 log.exception("mail dispatcher: could not read the outbox")
                 delivered = 0
-            if delivered >= self.batch_size:
-                continue  # there may be more
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            if delivered >= self.batch_size or self._stopping.is_set():
+                continue  # there may be more (or we are stopping)
+            try:
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                continue
+            if not self._stopping.is_set():
                 # woken by a projection: let the steps running now queue theirs too, then
                 # deliver them together (fewer writes competing with the projections)
                 await asyncio.sleep(self.gather_s)

@@ -200,3 +200,18 @@ async def test_the_notify_activitys_rows_are_not_the_dispatchers(
     assert await dispatcher.deliver_due() == 0  # the activity's retry sends it, not both
     [row] = await _rows(sessions)
     assert row.status == "sending"
+
+
+async def test_stop_returns_even_when_woken_as_it_stops(sessions, mail_sink):
+    """A worker shutdown must not hang on its dispatcher. Stopping by cancelling the task lost
+    the cancellation now and then (Python 3.11's `asyncio.wait_for` swallows one that arrives
+    as its inner wait completes) and the shutdown waited forever."""
+    dispatcher = MailDispatcher(sessions, _sender(mail_sink), poll_s=0.01, gather_s=0)
+    for i in range(120):
+        dispatcher.start()
+        await asyncio.sleep(0.02)  # it waits to be woken
+        dispatcher.wake()
+        for _ in range(i % 4):  # let the wake-up get a little way before the stop
+            await asyncio.sleep(0)
+        async with asyncio.timeout(10):
+            await dispatcher.stop(drain_s=1)
