@@ -39,7 +39,7 @@ from workflows.human_task import HumanTask, TaskBoard
 # before it settles them. Instances started before keep the old commands
 # for their whole life (tests/histories replay both).
 LOCAL_PROJECTION = "local-projection-outbox"
-PROJECT_TIMEOUT = timedelta(seconds=30)
+BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
 
 
 # A failed projection is a busy or briefly unreachable database: retry soon, and keep trying
@@ -155,18 +155,29 @@ class ProcessRuntime:
             + (f", stage {batch.stage.stage}" if batch.stage else "")
             + (f", {len(batch.mails)} mail(s)" if batch.mails else "")
         )
+        await self.bookkeeping("project", batch, summary=summary)
+
+    async def bookkeeping(
+        self, activity: str, arg: Any, *, summary: str, result_type: type | None = None
+    ) -> Any:
+        """Run a quick records activity (projection, policy lookup): local, inside the workflow
+        task, for newer instances; an ordinary activity for older ones."""
         if self.local:
-            await workflow.execute_local_activity(
-                "project",
-                batch,
-                start_to_close_timeout=PROJECT_TIMEOUT,
+            return await workflow.execute_local_activity(
+                activity,
+                arg,
+                result_type=result_type,
+                start_to_close_timeout=BOOKKEEPING_TIMEOUT,
                 retry_policy=local_retry(),
                 summary=summary,
             )
-        else:
-            await workflow.execute_activity(
-                "project", batch, start_to_close_timeout=PROJECT_TIMEOUT, summary=summary
-            )
+        return await workflow.execute_activity(
+            activity,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=BOOKKEEPING_TIMEOUT,
+            summary=summary,
+        )
 
     def upsert(self, *updates: SearchAttributeUpdate) -> None:
         """Set search attributes; they reach visibility with the next projection (older

@@ -279,7 +279,7 @@ from workflows.human_task import (  # noqa: E402
     TaskTimes,
 )
 from workflows.policy import SalesOrderPolicy, TaskTimers  # noqa: E402
-from workflows.runtime import ProcessRuntime, Stop, local_retry  # noqa: E402
+from workflows.runtime import ProcessRuntime, Stop  # noqa: E402
 
 NOT_CANCELLABLE = "NotCancellable"
 CANCEL_ROLES = frozenset({MANAGER_ROLE})
@@ -375,27 +375,12 @@ class SalesOrderWorkflow:
 
     # ================================================================== steps
     async def _load_policy(self) -> None:
-        request = PolicyRequest(process_type=PROCESS_TYPE)
-        summary = "load the current sales order policy"
-        timeout = timedelta(seconds=30)
-        doc: PolicyDocument
-        if self.rt.local:
-            doc = await workflow.execute_local_activity(
-                "load_policy",
-                request,
-                result_type=PolicyDocument,
-                start_to_close_timeout=timeout,
-                retry_policy=local_retry(),
-                summary=summary,
-            )
-        else:
-            doc = await workflow.execute_activity(
-                "load_policy",
-                request,
-                result_type=PolicyDocument,
-                start_to_close_timeout=timeout,
-                summary=summary,
-            )
+        doc: PolicyDocument = await self.rt.bookkeeping(
+            "load_policy",
+            PolicyRequest(process_type=PROCESS_TYPE),
+            result_type=PolicyDocument,
+            summary="load the current sales order policy",
+        )
         if doc.version > 0:
             self.policy = SalesOrderPolicy.model_validate(doc.document)
         self.policy_version = doc.version
