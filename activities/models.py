@@ -190,4 +190,6 @@ PAYMENT_DECLINED = "PaymentDeclined"
 PROVIDER_UNAVAILABLE = "PaymentProviderUnavailable"
 OUT_OF_STOCK = "OutOfStock"
 POLICY_INVALID = "PolicyInvalid"
-NON_RETRYABLE_ERRORS = (PAYMENT_DECLINED, OUT_OF_STOCK, POLICY_INVALID)
+# a provider event already booked for another order, amount or currency: counted nowhere
+PAYMENT_EVENT_CONFLICT = "PaymentEventConflict"
+NON_RETRYABLE_ERRORS = (PAYMENT_DECLINED, OUT_OF_STOCK, POLICY_INVALID, PAYMENT_EVENT_CONFLICT)

@@ -21,6 +21,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.models import (
     PAYMENT_DECLINED,
+    PAYMENT_EVENT_CONFLICT,
     PROVIDER_UNAVAILABLE,
     IncomingPayment,
     PaymentRequest,
@@ -261,6 +262,18 @@ class PaymentActivities:
                 status="received",
             ),
         )
+        if duplicate and (
+            entry.order_no != payment.order_no
+            or Decimal(entry.amount) != payment.amount
+            or entry.currency != payment.currency
+        ):
+            # one provider event pays one order, once: the same event id elsewhere is refused
+            raise ApplicationError(
+                f"payment event {payment.event_id} is already booked "
+                f"({entry.amount} {entry.currency}) for another order or amount",
+                type=PAYMENT_EVENT_CONFLICT,
+                non_retryable=True,
+            )
         return PaymentResult(
             idempotency_key=key,
             provider_ref=entry.provider_ref,

@@ -29,6 +29,11 @@ MANAGER_ROLE = "manager"
 SYSTEM_ACTOR = "system"
 TIMED_OUT = "timed_out"
 WITHDRAWN = "withdrawn"
+# A task keeps its newest events only (older ones live in the audit log): its state, and what
+# an update echoes back, stay small however often it is claimed and released.
+HISTORY_KEPT = 50
+
+TaskKind = Literal["approval", "acknowledgement", "payment", "settlement"]
 
 
 class Actor(BaseModel):
@@ -57,7 +62,7 @@ class TaskTimes(BaseModel):
 class HumanTask(BaseModel):
     task_id: str
     name: str
-    kind: Literal["approval", "acknowledgement", "payment"]
+    kind: TaskKind
     candidate_roles: list[str]
     assignee: str | None = None
     outcomes: list[str]
@@ -80,6 +85,8 @@ class HumanTask(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict)
     closed_at: datetime | None = None
     history: list[TaskEvent] = Field(default_factory=list)
+    events_dropped: int = Field(0, description="oldest history events no longer kept")
+    actions: int = Field(0, description="claims, releases, delegations, reassignments so far")
 
     @property
     def is_open(self) -> bool:
@@ -100,11 +107,13 @@ class DecideInput(BaseModel):
 
 
 class TaskActionInput(BaseModel):
-    """claim / release / delegate / reassign. `to_user` for delegate and reassign (None: pool)."""
+    """claim / release / delegate / reassign. `to_user` for delegate and reassign (None: pool),
+    with `to_roles`, the roles that user holds now (the API reads them from the users table)."""
 
     task_id: str
     actor: Actor
     to_user: str | None = None
+    to_roles: list[str] | None = None
     comment: str = ""
 
 
@@ -132,13 +141,20 @@ class TaskBoard:
         self.requester = requester
         self.tasks: dict[str, HumanTask] = {}
         self._seq = 0
+        # Since 2026-12 (the workflow sets it behind a patch): whoever finally acts must hold a
+        # candidate role, approvers of one instance are distinct people, delegation and
+        # reassignment go only to entitled users, and a task takes at most `max_actions`
+        # claims/releases/delegations/reassignments. Validators always apply these rules;
+        # handlers of older instances replay without them.
+        self.strict = False
+        self.max_actions: int | None = None
 
     # ----------------------------------------------------------------- opening and reading
     def open(
         self,
         *,
         name: str,
-        kind: Literal["approval", "acknowledgement", "payment"],
+        kind: TaskKind,
         candidate_roles: Sequence[str],
         outcomes: Sequence[str],
         now: datetime,
@@ -196,25 +212,72 @@ class TaskBoard:
                 FOUR_EYES, f"{username} requested this process and may not decide its own task"
             )
 
-    def _check_may_act(self, task: HumanTask, actor: Actor) -> None:
+    def earlier_approvers(self, task: HumanTask) -> list[str]:
+        """People who decided another approval task of this instance."""
+        return [
+            t.decided_by
+            for t in self.tasks.values()
+            if t.kind == "approval"
+            and t.task_id != task.task_id
+            and t.decided_by
+            and t.decided_by != SYSTEM_ACTOR
+        ]
+
+    def _check_entitled(self, task: HumanTask, username: str, roles: Sequence[str]) -> None:
+        """username may finally decide task: not the requester, not an earlier approver of this
+        instance, and holding one of its candidate roles (the escalation role once escalated)."""
+        self._check_four_eyes(task, username)
+        if task.four_eyes and task.kind == "approval" and username in self.earlier_approvers(task):
+            raise _refuse(
+                FOUR_EYES,
+                f"{username} already decided an earlier approval of this process; "
+                "each approval needs another person",
+            )
+        if not set(roles) & set(task.candidate_roles):
+            raise _refuse(
+                NOT_PERMITTED,
+                f"{username} holds none of the roles {task.candidate_roles} of this task",
+            )
+
+    def _check_may_act(self, task: HumanTask, actor: Actor, strict: bool) -> None:
         self._check_four_eyes(task, actor.username)
-        if task.assignee is not None:
-            if task.assignee != actor.username:
-                raise _refuse(NOT_PERMITTED, f"task {task.task_id} is taken by {task.assignee}")
-        elif not set(actor.roles) & set(task.candidate_roles):
+        if task.assignee is not None and task.assignee != actor.username:
+            raise _refuse(NOT_PERMITTED, f"task {task.task_id} is taken by {task.assignee}")
+        if strict:
+            self._check_entitled(task, actor.username, actor.roles)
+        elif task.assignee is None and not set(actor.roles) & set(task.candidate_roles):
             raise _refuse(
                 NOT_PERMITTED,
                 f"{actor.username} holds none of the roles {task.candidate_roles} of this task",
             )
 
+    def _check_target(self, task: HumanTask, inp: TaskActionInput, strict: bool) -> None:
+        """The user a task is delegated or reassigned to must be entitled to decide it."""
+        assert inp.to_user
+        if not strict:
+            self._check_four_eyes(task, inp.to_user)
+            return
+        if inp.to_roles is None:
+            raise _refuse(INVALID_DECISION, "to_user: the roles of the user are unknown")
+        try:
+            self._check_entitled(task, inp.to_user, inp.to_roles)
+        except ApplicationError as err:
+            if err.type == FOUR_EYES:
+                raise
+            raise _refuse(
+                NOT_PERMITTED,
+                f"to_user: {inp.to_user} holds none of the roles {task.candidate_roles} "
+                "of this task",
+            ) from None
+
     # ----------------------------------------------------------------- decisions
-    def validate_decision(self, inp: DecideInput) -> HumanTask:
+    def validate_decision(self, inp: DecideInput, strict: bool | None = None) -> HumanTask:
         task = self.get_open(inp.task_id)
         if not task.outcomes:
             raise _refuse(
                 INVALID_DECISION, f"task {task.task_id} closes by itself and takes no decision"
             )
-        self._check_may_act(task, inp.actor)
+        self._check_may_act(task, inp.actor, self.strict if strict is None else strict)
         if inp.outcome not in task.outcomes:
             raise _refuse(
                 INVALID_DECISION,
@@ -242,17 +305,39 @@ class TaskBoard:
         task.decided_by = actor
         task.comment = comment
         task.closed_at = now
-        task.history.append(TaskEvent(at=now, actor=actor, action=outcome, detail=comment))
+        self._log(task, TaskEvent(at=now, actor=actor, action=outcome, detail=comment))
+
+    @staticmethod
+    def _log(task: HumanTask, event: TaskEvent) -> None:
+        task.history.append(event)
+        if len(task.history) > HISTORY_KEPT:
+            dropped = len(task.history) - HISTORY_KEPT
+            del task.history[:dropped]
+            task.events_dropped += dropped
 
     # ----------------------------------------------------------------- claim and delegation
-    def validate_action(self, action: str, inp: TaskActionInput) -> HumanTask:
+    def validate_action(
+        self, action: str, inp: TaskActionInput, strict: bool | None = None
+    ) -> HumanTask:
+        strict = self.strict if strict is None else strict
         task = self.get_open(inp.task_id)
         actor = inp.actor
         is_manager = MANAGER_ROLE in actor.roles
+        if strict and self.max_actions is not None and task.actions >= self.max_actions:
+            raise _refuse(
+                CONFLICT,
+                f"task {task.task_id} has reached its limit of {self.max_actions} claims, "
+                "releases and delegations; it can still be decided",
+            )
+        if strict and task.four_eyes and actor.username == task.requester:
+            raise _refuse(
+                FOUR_EYES,
+                f"{actor.username} requested this process and may not {action} its tasks",
+            )
         if action == "claim":
             if task.assignee is not None:
                 raise _refuse(CONFLICT, f"task {task.task_id} is already taken by {task.assignee}")
-            self._check_may_act(task, actor)
+            self._check_may_act(task, actor, strict)
         elif action == "release":
             if task.assignee is None:
                 raise _refuse(CONFLICT, f"task {task.task_id} is not taken")
@@ -262,13 +347,13 @@ class TaskBoard:
             if not inp.to_user:
                 raise _refuse(INVALID_DECISION, "to_user: required to delegate")
             if not is_manager:
-                self._check_may_act(task, actor)
-            self._check_four_eyes(task, inp.to_user)
+                self._check_may_act(task, actor, strict)
+            self._check_target(task, inp, strict)
         elif action == "reassign":
             if not is_manager:
                 raise _refuse(NOT_PERMITTED, "only a manager may reassign a task")
             if inp.to_user:
-                self._check_four_eyes(task, inp.to_user)
+                self._check_target(task, inp, strict)
         else:  # pragma: no cover - programming error
             raise ValueError(action)
         return task
@@ -284,8 +369,9 @@ class TaskBoard:
         detail = f"to {inp.to_user or 'the pool'}" if action in ("delegate", "reassign") else ""
         if inp.comment:
             detail = f"{detail} - {inp.comment}".strip(" -")
-        task.history.append(
-            TaskEvent(at=now, actor=inp.actor.username, action=_PAST[action], detail=detail)
+        task.actions += 1
+        self._log(
+            task, TaskEvent(at=now, actor=inp.actor.username, action=_PAST[action], detail=detail)
         )
         return task
 
@@ -308,10 +394,10 @@ class TaskBoard:
         role = task.escalation_role
         if role and role not in task.candidate_roles:
             task.candidate_roles.append(role)
-        task.history.append(
-            TaskEvent(at=now, actor=SYSTEM_ACTOR, action="escalated", detail=f"to {role}")
+        self._log(
+            task, TaskEvent(at=now, actor=SYSTEM_ACTOR, action="escalated", detail=f"to {role}")
         )
 
     def remind(self, task: HumanTask, now: datetime) -> None:
         task.reminded = True
-        task.history.append(TaskEvent(at=now, actor=SYSTEM_ACTOR, action="reminded"))
+        self._log(task, TaskEvent(at=now, actor=SYSTEM_ACTOR, action="reminded"))

@@ -3,6 +3,13 @@
 A document is stored as JSON in the policy_versions table; an instance loads the current
 version at start through an activity and keeps it for its whole life. Version 0 means the
 built-in defaults below (no version published yet).
+
+Whatever validates here cannot fail inside a workflow: the validators build, with the very
+functions the workflow calls (`TaskTimers.task_times`, `SalesOrderPolicy.payment_timers`,
+`approval_chain`), every timer and approval chain an instance builds, and bound each value so
+that `now + duration` cannot overflow and no list grows without limit. Publishing
+(`validate_policy(..., strict=True)`) also requires every key: no built-in default silently
+fills a gap in a published document.
 """
 
 from __future__ import annotations
@@ -11,53 +18,234 @@ from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
+from temporalio import workflow
+
+from core.roles import KNOWN_ROLES
+from workflows.approval import approval_chain
+from workflows.human_task import TaskTimes
+
+with workflow.unsafe.imports_passed_through():
+    # its database is read from files, which the sandbox forbids: read it once, outside
+    import pycountry
+
+# Every duration lies in [MIN_DURATION, MAX_DURATION]: a timer fires (no zero "no timer"),
+# never in the past, and `now + duration` stays far from datetime.max.
+MIN_DURATION = timedelta(seconds=1)
+MAX_DURATION = timedelta(days=366)
+MAX_AMOUNT = Decimal(10**14)
+MAX_TIERS = 10
+MAX_ROLES = 10  # per tier, and special_change_roles
+MAX_CURRENCIES = 20
+MAX_NAME_LENGTH = 100
+ISO_4217_CODES: frozenset[str] = frozenset(c.alpha_3 for c in pycountry.currencies)
+
+# validation context key: every key of the document must be given (publishing)
+STRICT = "strict"
+_KNOWN_ERROR_TYPES: frozenset[str] = frozenset(get_args(ErrorType))
+
+Loc = tuple[str | int, ...]
 
 
-class ApprovalTier(BaseModel):
-    """Orders with amount_due >= min_amount need this level (levels run lowest first)."""
+def _error(loc: Loc, kind: str, message: str, value: object) -> InitErrorDetails:
+    # no context: the message is used as it is (a role or tier name may contain braces)
+    return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+
+
+def _refuse(title: str, errors: list[InitErrorDetails]) -> ValidationError:
+    """Errors at locations relative to the value being validated (pydantic prefixes the rest)."""
+    return ValidationError.from_exception_data(title, errors)
+
+
+def _again(e: ErrorDetails) -> InitErrorDetails:
+    """An error pydantic reported, to be raised again together with others."""
+    if e["type"] in _KNOWN_ERROR_TYPES:
+        details = InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"])
+        if "ctx" in e:
+            details["ctx"] = e["ctx"]
+        return details
+    return _error(e["loc"], e["type"], e["msg"], e["input"])
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----------------------------------------------------------------------------- value types
+def _duration(d: timedelta) -> timedelta:
+    if not MIN_DURATION <= d <= MAX_DURATION:
+        raise PydanticCustomError(
+            "duration_out_of_range",
+            f"a duration must be at least {MIN_DURATION.total_seconds():g} second and at most "
+            f"{MAX_DURATION.days} days, not {d}",
+        )
+    return d
+
+
+def _known_role(role: str) -> str:
+    if role not in KNOWN_ROLES:
+        raise PydanticCustomError(
+            "unknown_role",
+            f"unknown role {_show(role)}; known roles: {', '.join(sorted(KNOWN_ROLES))}",
+        )
+    return role
+
+
+def _iso_4217(code: str) -> str:
+    if code not in ISO_4217_CODES:
+        raise PydanticCustomError(
+            "unknown_currency", f"{_show(code)} is not an ISO 4217 currency code (e.g. EUR)"
+        )
+    return code
+
+
+def _unique(values: list[str]) -> list[str]:
+    seen: set[str] = set()
+    errors = []
+    for i, v in enumerate(values):
+        if v in seen:
+            errors.append(_error((i,), "duplicate", f"{_show(v)} is listed twice", v))
+        seen.add(v)
+    if errors:
+        raise _refuse("list", errors)
+    return values
+
+
+def _not_blank(name: str) -> str:
+    if not name.strip():
+        raise PydanticCustomError("blank", "a name must not be blank")
+    return name
+
+
+Duration = Annotated[timedelta, AfterValidator(_duration)]
+RoleName = Annotated[str, AfterValidator(_known_role)]
+RoleList = Annotated[
+    list[RoleName], Field(min_length=1, max_length=MAX_ROLES), AfterValidator(_unique)
+]
+CurrencyCode = Annotated[str, AfterValidator(_iso_4217)]
+Amount = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, decimal_places=2)]
+TierName = Annotated[
+    str, Field(min_length=1, max_length=MAX_NAME_LENGTH), AfterValidator(_not_blank)
+]
+
+
+class PolicyModel(BaseModel):
+    """Base of policy documents and their parts: unknown keys refused; in strict mode (the
+    validation context of `validate_policy(..., strict=True)`) every key must be given, but
+    those whose default is None (nothing to fill)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    min_amount: Decimal = Field(ge=0)
-    name: str
-    roles: list[str] = Field(min_length=1)
+    @model_validator(mode="wrap")
+    @classmethod
+    def _complete(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Self], info: ValidationInfo
+    ) -> Self:
+        if not (info.context or {}).get(STRICT) or not isinstance(data, dict):
+            return handler(data)
+        errors = [
+            InitErrorDetails(type="missing", loc=(name,), input=data)
+            for name, f in cls.model_fields.items()
+            if name not in data and not f.is_required() and f.default is not None
+        ]
+        if not errors:
+            return handler(data)
+        try:
+            handler(data)
+        except ValidationError as err:
+            errors += [_again(e) for e in err.errors()]
+        raise _refuse(cls.__name__, errors)
+
+
+# ----------------------------------------------------------------------------- the models
+class ApprovalTier(PolicyModel):
+    """Orders with amount_due >= min_amount need this level (levels run lowest first)."""
+
+    min_amount: Amount
+    name: TierName
+    roles: RoleList
     mode: Literal["sequential", "all", "k_of_n"] = Field(
         "sequential",
         description="sequential: one task for the roles; all: one task per role, all must "
         "approve; k_of_n: one task per role, k approvals suffice",
     )
-    k: int | None = Field(None, ge=1)
+    k: int | None = Field(None, ge=1, le=MAX_ROLES, description="k_of_n only")
 
     @model_validator(mode="after")
-    def _k_fits(self) -> ApprovalTier:
-        if self.mode == "k_of_n" and (self.k is None or self.k > len(self.roles)):
-            raise ValueError("k_of_n needs 1 <= k <= number of roles")
+    def _k_fits(self) -> Self:
+        if self.mode == "k_of_n" and self.k is None:
+            raise _refuse("ApprovalTier", [_error(("k",), "k_missing", "k_of_n needs k", None)])
+        if self.mode == "k_of_n" and self.k is not None and self.k > len(self.roles):
+            message = f"k ({self.k}) exceeds the {len(self.roles)} roles of the tier"
+            raise _refuse("ApprovalTier", [_error(("k",), "k_too_large", message, self.k)])
+        if self.mode != "k_of_n" and self.k is not None:
+            message = f"k applies to mode k_of_n only, not {self.mode}"
+            raise _refuse("ApprovalTier", [_error(("k",), "k_unused", message, self.k)])
         return self
 
 
-class TaskTimers(BaseModel):
+class TaskTimers(PolicyModel):
     """When a human task reminds, escalates (SLA) and finally times out."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    remind_after: timedelta = timedelta(days=1)
-    escalate_after: timedelta = timedelta(days=2)
-    deadline: timedelta = timedelta(days=7)
-    escalation_role: str = "manager"
+    remind_after: Duration = timedelta(days=1)
+    escalate_after: Duration = timedelta(days=2)
+    deadline: Duration = timedelta(days=7)
+    escalation_role: RoleName = "manager"
 
     @model_validator(mode="after")
-    def _ordered(self) -> TaskTimers:
-        if not (self.remind_after <= self.escalate_after <= self.deadline):
-            raise ValueError("remind_after <= escalate_after <= deadline is required")
+    def _ordered(self) -> Self:
+        errors = []
+        if self.remind_after >= self.escalate_after:
+            errors.append(
+                _error(
+                    ("remind_after",),
+                    "timer_order",
+                    f"remind_after ({self.remind_after}) must be shorter than escalate_after "
+                    f"({self.escalate_after})",
+                    self.remind_after,
+                )
+            )
+        if self.escalate_after > self.deadline:
+            errors.append(
+                _error(
+                    ("escalate_after",),
+                    "timer_order",
+                    f"escalate_after ({self.escalate_after}) must not be longer than deadline "
+                    f"({self.deadline})",
+                    self.escalate_after,
+                )
+            )
+        if errors:
+            raise _refuse("TaskTimers", errors)
+        self.task_times()
         return self
 
+    def task_times(self) -> TaskTimes:
+        """What `TaskBoard.open` takes: the same durations and escalation role."""
+        return TaskTimes(
+            remind_after=self.remind_after,
+            escalate_after=self.escalate_after,
+            deadline=self.deadline,
+            escalation_role=self.escalation_role,
+        )
 
-class SalesOrderPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
+class SalesOrderPolicy(PolicyModel):
     approval_tiers: list[ApprovalTier] = Field(
         default_factory=lambda: [
             ApprovalTier(
@@ -70,10 +258,12 @@ class SalesOrderPolicy(BaseModel):
                 name="sales director approval",
                 roles=["sales-director"],
             ),
-        ]
+        ],
+        max_length=MAX_TIERS,
+        description="ascending, distinct min_amount; none: no order needs approval",
     )
     prepaid_exempt_from_approval: bool = True
-    loyalty_discount_pct: Decimal = Field(Decimal(5), ge=0, le=100)
+    loyalty_discount_pct: Decimal = Field(Decimal(5), ge=0, le=100, decimal_places=2)
     approval_timers: TaskTimers = Field(default_factory=TaskTimers)
     acknowledgement_timers: TaskTimers = Field(
         default_factory=lambda: TaskTimers(
@@ -82,27 +272,109 @@ class SalesOrderPolicy(BaseModel):
             deadline=timedelta(days=5),
         )
     )
-    special_change_roles: list[str] = Field(
-        default_factory=lambda: ["procurement", "production", "inspection"], min_length=1
+    special_change_roles: RoleList = Field(
+        default_factory=lambda: ["procurement", "production", "inspection"]
     )
-    payment_deadline: timedelta = Field(
+    payment_deadline: Duration = Field(
         timedelta(days=14), description="prepaid orders are cancelled if unpaid by then"
     )
-    payment_reminder_after: timedelta = timedelta(days=3)
+    payment_reminder_after: Duration = Field(
+        timedelta(days=3), description="shorter than payment_deadline"
+    )
+    currencies: Annotated[list[CurrencyCode], AfterValidator(_unique)] = Field(
+        default_factory=lambda: ["EUR", "USD", "GBP", "CHF", "RON"],
+        min_length=1,
+        max_length=MAX_CURRENCIES,
+        description="ISO 4217 codes an order may be placed in (checked at submission)",
+    )
+    max_open_special_changes: int = Field(
+        3, ge=1, le=20, description="special changes an order may have unacknowledged at once"
+    )
+    max_actions_per_task: int = Field(
+        200,
+        ge=1,
+        le=10_000,
+        description="claims, releases, delegations and reassignments one task accepts",
+    )
+    overpayment: Literal["refund", "finance_task"] = Field(
+        "refund",
+        description="money received beyond the amount due: refunded at once, or a finance task",
+    )
 
     @field_validator("approval_tiers")
     @classmethod
-    def _sorted(cls, tiers: list[ApprovalTier]) -> list[ApprovalTier]:
-        return sorted(tiers, key=lambda t: t.min_amount)
+    def _ascending(cls, tiers: list[ApprovalTier]) -> list[ApprovalTier]:
+        """Given lowest first, thresholds distinct: refused otherwise, never re-sorted."""
+        errors = [
+            _error(
+                (i, "min_amount"),
+                "tier_order",
+                f"min_amount {tier.min_amount} must be greater than the previous tier's "
+                f"{tiers[i - 1].min_amount} (tiers go lowest first, thresholds distinct)",
+                tier.min_amount,
+            )
+            for i, tier in enumerate(tiers)
+            if i > 0 and tier.min_amount <= tiers[i - 1].min_amount
+        ]
+        if errors:
+            raise _refuse("approval_tiers", errors)
+        return tiers
+
+    @model_validator(mode="after")
+    def _buildable(self) -> Self:
+        """Build what an instance builds from this policy, with the workflow's own functions."""
+        if self.payment_reminder_after >= self.payment_deadline:
+            message = (
+                f"payment_reminder_after ({self.payment_reminder_after}) must be shorter than "
+                f"payment_deadline ({self.payment_deadline})"
+            )
+            error = _error(
+                ("payment_reminder_after",), "timer_order", message, self.payment_reminder_after
+            )
+            raise _refuse("SalesOrderPolicy", [error])
+        for timers in (self.payment_timers(), self.approval_timers, self.acknowledgement_timers):
+            timers.task_times()
+        if self.approval_tiers:
+            # the largest threshold needs every level: the longest chain an order can get
+            levels = approval_chain(self.approval_tiers, self.approval_tiers[-1].min_amount)
+            errors = [
+                _error(
+                    ("approval_tiers", i),
+                    "unreachable_level",
+                    f"level {level.name!r} needs {level.needed()} approvals from "
+                    f"{len(level.task_roles())} tasks",
+                    level.name,
+                )
+                for i, level in enumerate(levels)
+                if not 1 <= level.needed() <= len(level.task_roles())
+            ]
+            if len(levels) != len(self.approval_tiers):
+                errors.append(_error(("approval_tiers",), "chain", "a tier is unreachable", None))
+            if errors:
+                raise _refuse("SalesOrderPolicy", errors)
+        return self
+
+    def payment_timers(self) -> TaskTimers:
+        """Timers of a prepaid order's payment task: reminded, then escalated and timed out at
+        the payment deadline, to the approval escalation role."""
+        return TaskTimers(
+            remind_after=self.payment_reminder_after,
+            escalate_after=self.payment_deadline,
+            deadline=self.payment_deadline,
+            escalation_role=self.approval_timers.escalation_role,
+        )
 
 
-POLICY_MODELS: Mapping[str, type[BaseModel]] = MappingProxyType({"sales_order": SalesOrderPolicy})
+POLICY_MODELS: Mapping[str, type[PolicyModel]] = MappingProxyType({"sales_order": SalesOrderPolicy})
 
 
 def default_policy_document(process_type: str) -> dict:
     return POLICY_MODELS[process_type]().model_dump(mode="json")
 
 
-def validate_policy(process_type: str, document: dict) -> BaseModel:
-    """Raise KeyError for an unknown process type, pydantic.ValidationError for a bad document."""
-    return POLICY_MODELS[process_type].model_validate(document)
+def validate_policy(process_type: str, document: dict, *, strict: bool = False) -> PolicyModel:
+    """Raise KeyError for an unknown process type, pydantic.ValidationError for a bad document.
+
+    strict (publishing): every key must be given; a missing one is an error naming it.
+    """
+    return POLICY_MODELS[process_type].model_validate(document, context={STRICT: strict})

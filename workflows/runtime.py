@@ -256,6 +256,10 @@ class ProcessRuntime:
             )
         )
 
+    def is_settled(self) -> bool:
+        """True when the main loop has acted on every change so far (what `settled` waits for)."""
+        return self.done or (self._settled >= self._events and self._inflight == 0)
+
     async def quiesce(self) -> None:
         """Wait until no event handler is half-way (e.g. a payment being recorded)."""
         await workflow.wait_condition(lambda: self._inflight == 0)

@@ -31,7 +31,10 @@ from workflows.human_task import (
 )
 
 PROCESS_TYPE = "sales_order"
-WORKFLOW_ID_PREFIX = "sales-order-"
+# one spelling everywhere: ProcessType, policy type, workflow ids ("sales_order-1001")
+WORKFLOW_ID_PREFIX = f"{PROCESS_TYPE}-"
+# instances started before 2026-12 are "sales-order-<no>"; the API finds them by the read model
+LEGACY_WORKFLOW_ID_PREFIX = "sales-order-"
 # memo key holding the fingerprint of the input that started an instance
 MEMO_FINGERPRINT = "input_fingerprint"
 ACKNOWLEDGED = "acknowledged"
@@ -51,6 +54,8 @@ class Stage(StrEnum):
     REJECTED = "rejected"
     CANCELLED = "cancelled"
     FAILED = "failed"
+    # money could not be given back automatically: a finance task settles it by hand
+    NEEDS_ATTENTION = "needs_attention"
 
 
 TERMINAL_STAGES = frozenset({Stage.CLOSED, Stage.REJECTED, Stage.CANCELLED, Stage.FAILED})
@@ -139,6 +144,9 @@ class CancelInput(BaseModel):
     actor: Actor
 
 
+VIEW_HISTORY = 10
+
+
 class TaskView(BaseModel):
     task_id: str
     name: str
@@ -155,7 +163,8 @@ class TaskView(BaseModel):
     due_at: datetime | None
     deadline_at: datetime | None
     escalated: bool
-    history: list[TaskEvent]
+    history: list[TaskEvent] = Field(description=f"the newest {VIEW_HISTORY} events")
+    history_total: int = Field(0, description="events in the task's whole life")
 
 
 class DecisionRecord(BaseModel):
@@ -178,6 +187,17 @@ class PaymentView(BaseModel):
     kind: Literal["charge", "incoming", "refund"]
     amount: Decimal
     provider_ref: str
+    original_key: str | None = Field(None, description="for a refund: the payment it gives back")
+
+
+class PaymentOutcome(BaseModel):
+    """What a reported payment did to the order; `duplicate`: the event was known already."""
+
+    event_id: str
+    duplicate: bool = False
+    paid: Decimal
+    refunded: Decimal
+    balance: Decimal
 
 
 class SalesOrderStatus(BaseModel):
@@ -192,6 +212,13 @@ class SalesOrderStatus(BaseModel):
     amount_due: Decimal
     paid: Decimal
     refunded: Decimal
+    due: Decimal = Field(
+        Decimal(0), description="what the customer owes now: amount_due, 0 once stopped"
+    )
+    balance: Decimal = Field(
+        Decimal(0),
+        description="due - (paid - refunded): still owed (> 0) or owed back to the customer (< 0)",
+    )
     policy_version: int
     special_change: bool
     amendments: list[str]
@@ -203,6 +230,9 @@ class SalesOrderStatus(BaseModel):
     outcome_reason: str = ""
     tracking_no: str | None = None
     invoice_no: str | None = None
+    settled: bool = Field(
+        True, description="the instance has acted on everything it received and waits again"
+    )
 
 
 class DecideResult(BaseModel):
@@ -216,6 +246,7 @@ class SalesOrderResult(BaseModel):
     amount_due: Decimal
     paid: Decimal
     refunded: Decimal
+    balance: Decimal = Decimal(0)
     reason: str = ""
     tracking_no: str | None = None
     invoice_no: str | None = None
@@ -242,6 +273,7 @@ def amount_of(lines: list[OrderLine]) -> Decimal:
 with workflow.unsafe.imports_passed_through():
     from activities.models import (
         NON_RETRYABLE_ERRORS,
+        PAYMENT_EVENT_CONFLICT,
         IncomingPayment,
         InvoiceRequest,
         Notification,
@@ -282,6 +314,13 @@ from workflows.policy import SalesOrderPolicy, TaskTimers  # noqa: E402
 from workflows.runtime import ProcessRuntime, Stop  # noqa: E402
 
 NOT_CANCELLABLE = "NotCancellable"
+# a provider event reported again with the same amount: nothing to do (the API answers 202)
+DUPLICATE_EVENT = "DuplicateEvent"
+# Since 2026-12: money by the ledger (a capture takes only what is still due, overpayments are
+# refunded, a refused refund opens a finance task instead of failing the workflow), strict
+# authority on tasks and a cap on task actions. Older instances keep their commands.
+HARDENING = "hardening-2026-12"
+SETTLED = "settled"
 CANCEL_ROLES = frozenset({MANAGER_ROLE})
 AMEND_ROLES = frozenset({"sales", MANAGER_ROLE})
 
@@ -328,7 +367,7 @@ class SalesOrderWorkflow:
         self.stage = Stage.RECEIVED
         self.stages: list[StageEntry] = [StageEntry(stage=Stage.RECEIVED, at=workflow.now())]
         self.payments: list[PaymentView] = []
-        self.seen_payment_events: set[str] = set()
+        self.seen_payment_events: dict[str, Decimal] = {}  # event id -> amount reported
         self.amendments: list[str] = []
         self.ack_tasks: list[HumanTask] = []
         self.cancel_request: CancelInput | None = None
@@ -336,6 +375,11 @@ class SalesOrderWorkflow:
         self.tracking_no: str | None = None
         self.invoice_no: str | None = None
         self.stock_reserved = False
+        self.special_changes: list[list[HumanTask]] = []  # the acknowledgements of each change
+        self.settlements: list[HumanTask] = []  # finance tasks for money to settle by hand
+        self.stopped = False  # rejected, cancelled or failed: nothing is due any more
+        self.hardened = workflow.patched(HARDENING)
+        self.rt.board.strict = self.hardened
 
     # ================================================================== the process map
     @workflow.run
@@ -368,6 +412,7 @@ class SalesOrderWorkflow:
             amount_due=self.amount_due,
             paid=self._paid(),
             refunded=self._refunded(),
+            balance=self._balance(),
             reason=self.outcome_reason,
             tracking_no=self.tracking_no,
             invoice_no=self.invoice_no,
@@ -384,6 +429,8 @@ class SalesOrderWorkflow:
         if doc.version > 0:
             self.policy = SalesOrderPolicy.model_validate(doc.document)
         self.policy_version = doc.version
+        if self.hardened:
+            self.rt.board.max_actions = self.policy.max_actions_per_task
 
     def _apply_discount(self) -> None:
         if self.inp.loyalty_discount:
@@ -468,6 +515,9 @@ class SalesOrderWorkflow:
 
     async def _capture_installment(self, index: int) -> None:
         amount = self._installment_amount(index)
+        if self.hardened:  # only what is still due after this installment (the ledger says)
+            target = sum((self._installment_amount(i) for i in range(index + 1)), Decimal(0))
+            amount = min(amount, target - self._net_paid())
         if amount <= 0:
             return
         await self._set_stage(Stage.PAYMENT)
@@ -503,7 +553,8 @@ class SalesOrderWorkflow:
 
     async def _await_payment(self, needed: Decimal, what: str) -> None:
         """Prepaid gate: wait until the provider reported `needed` in total, or the deadline."""
-        if self._paid() >= needed:
+        paid = self._net_paid if self.hardened else self._paid
+        if paid() >= needed:
             return
         await self._set_stage(Stage.AWAITING_PAYMENT)
         task = self._open_task(
@@ -523,7 +574,7 @@ class SalesOrderWorkflow:
             f"Order {self.inp.order_no}: payment of {needed} {self.inp.currency} expected",
             f"Please pay {needed} {self.inp.currency} ({what}) for order {self.inp.order_no}.",
         )
-        await self._wait(lambda: self._paid() >= needed or not task.is_open, what)
+        await self._wait(lambda: paid() >= needed or not task.is_open, what)
         if task.is_open:
             self.rt.board.close(task, "paid", SYSTEM_ACTOR, workflow.now())
             self.rt.task_changed(task)
@@ -596,6 +647,7 @@ class SalesOrderWorkflow:
     # ================================================================== compensation and end
     async def _compensate(self) -> None:
         """Undo what the order did: withdraw open tasks, release stock, refund payments."""
+        self.stopped = True
         await self.rt.quiesce()  # a payment being recorded right now is refunded too
         now = workflow.now()
         for t in self.rt.board.open_tasks():
@@ -614,35 +666,110 @@ class SalesOrderWorkflow:
             refund_key = f"{self.rt.workflow_id}:refund:{p.key}"
             if any(r.key == refund_key for r in self.payments):
                 continue
+            amount = self._refundable(p) if self.hardened else p.amount
+            if amount > 0:
+                await self._refund(p, amount, refund_key, "compensation")
+
+    def _refundable(self, p: PaymentView) -> Decimal:
+        given_back = sum(
+            (r.amount for r in self.payments if r.kind == "refund" and r.original_key == p.key),
+            Decimal(0),
+        )
+        return p.amount - given_back
+
+    async def _refund(self, p: PaymentView, amount: Decimal, key: str, why: str) -> None:
+        """Give amount of payment p back; a refund the provider refuses is settled by hand."""
+        try:
             result = await workflow.execute_activity(
                 "refund_payment",
                 RefundRequest(
-                    idempotency_key=refund_key,
+                    idempotency_key=key,
                     order_no=self.inp.order_no,
                     original_key=p.key,
-                    amount=p.amount,
+                    amount=amount,
                     currency=self.inp.currency,
                 ),
                 result_type=dict,
                 start_to_close_timeout=timedelta(seconds=30),
-                summary=f"refund {p.amount} {self.inp.currency}",
+                retry_policy=_retry() if self.hardened else None,
+                summary=f"refund {amount} {self.inp.currency}"
+                + (f" ({why})" if self.hardened else ""),
             )
-            self.payments.append(
-                PaymentView(
-                    key=refund_key,
-                    kind="refund",
-                    amount=p.amount,
-                    provider_ref=result["provider_ref"],
-                )
+        except ActivityError as err:
+            # never a failed workflow (older instances too: this path had no commands after it)
+            await self._settle_by_hand(
+                f"refund {amount} {self.inp.currency} of payment {p.key} by hand "
+                f"({why}): {_cause(err)}"
             )
-            self.rt.audit(
-                SYSTEM_ACTOR,
-                "payment_refunded",
-                f"{p.amount} {self.inp.currency}",
-                {"idempotency_key": refund_key},
+            return
+        self.payments.append(
+            PaymentView(
+                key=key,
+                kind="refund",
+                amount=amount,
+                provider_ref=result["provider_ref"],
+                original_key=p.key,
+            )
+        )
+        self.rt.audit(
+            SYSTEM_ACTOR,
+            "payment_refunded",
+            f"{amount} {self.inp.currency} ({why})",
+            {"idempotency_key": key},
+        )
+
+    async def _settle_by_hand(self, what: str) -> None:
+        """Money the process cannot move itself: a finance task, and the stage says so."""
+        self.rt.audit(SYSTEM_ACTOR, "needs_attention", what)
+        task = self._open_task(
+            name=what[:200],
+            kind="settlement",
+            roles=["finance"],
+            outcomes=[SETTLED],
+            timers=TaskTimers(
+                remind_after=self.policy.approval_timers.remind_after,
+                escalate_after=self.policy.approval_timers.escalate_after,
+                deadline=self.policy.approval_timers.deadline,
+                escalation_role=self.policy.approval_timers.escalation_role,
+            ),
+            required_fields={SETTLED: ["comment"]},
+            four_eyes=False,
+        )
+        task.deadline_at = None  # settled by a person, never timed out
+        self.settlements.append(task)
+        await self._set_stage(Stage.NEEDS_ATTENTION, what)
+
+    async def _await_settlements(self) -> None:
+        """Wait (not interruptible: the process is ending) until finance settled by hand."""
+        while any(t.is_open for t in self.settlements):
+            self.rt.waiting_for = "finance to settle money by hand"
+            await self.rt.wait(
+                lambda: all(not t.is_open for t in self.settlements),
+                lambda: f"**Stage:** {self.stage}  \n**Waiting for:** finance settling by hand",
+                self._fire_timer,
+                lambda: False,
             )
 
+    async def _refund_excess(self) -> None:
+        """Money received beyond the amount due goes back (or, by policy, to a finance task)."""
+        excess = -self._balance()
+        if excess <= 0:
+            return
+        if self.policy.overpayment == "finance_task":
+            await self._settle_by_hand(f"overpayment of {excess} {self.inp.currency}")
+            return
+        for p in reversed([p for p in self.payments if p.kind == "incoming"]):
+            amount = min(excess, self._refundable(p))
+            if amount <= 0:
+                continue
+            n = sum(1 for r in self.payments if r.kind == "refund") + 1
+            await self._refund(p, amount, f"{self.rt.workflow_id}:refund-excess:{n}", "overpayment")
+            excess -= amount
+            if excess <= 0:
+                break
+
     async def _finish(self, stage: Stage, reason: str) -> None:
+        await self._await_settlements()
         self.outcome_reason = reason
         await self._set_stage(stage, reason)
         self.rt.done = True
@@ -764,7 +891,7 @@ class SalesOrderWorkflow:
     async def _notify_candidates(self, tasks: list[HumanTask], subject: str) -> None:
         for t in tasks:
             await self._notify(
-                f"task:{t.task_id}:{len(t.history)}",
+                f"task:{t.task_id}:{len(t.history) + t.events_dropped}",
                 subject,
                 f"Task {t.task_id} '{t.name}' for order {self.inp.order_no} "
                 f"({self.amount_due} {self.inp.currency}) waits for {t.who_may_act()}.",
@@ -802,6 +929,15 @@ class SalesOrderWorkflow:
     def _refunded(self) -> Decimal:
         return _money(sum((p.amount for p in self.payments if p.kind == "refund"), Decimal(0)))
 
+    def _net_paid(self) -> Decimal:
+        return self._paid() - self._refunded()
+
+    def _due(self) -> Decimal:
+        return Decimal(0) if self.stopped else self.amount_due
+
+    def _balance(self) -> Decimal:
+        return self._due() - self._net_paid()
+
     def _line_records(self) -> list[OrderLineRecord]:
         return [
             OrderLineRecord(
@@ -831,6 +967,8 @@ class SalesOrderWorkflow:
             amount_due=self.amount_due,
             paid=self._paid(),
             refunded=self._refunded(),
+            due=self._due(),
+            balance=self._balance(),
             policy_version=self.policy_version,
             special_change=bool(self.amendments),
             amendments=list(self.amendments),
@@ -853,6 +991,7 @@ class SalesOrderWorkflow:
             outcome_reason=self.outcome_reason,
             tracking_no=self.tracking_no,
             invoice_no=self.invoice_no,
+            settled=self.rt.is_settled(),
         )
 
     @workflow.update
@@ -881,7 +1020,7 @@ class SalesOrderWorkflow:
     @decide.validator
     def _validate_decide(self, inp: DecideInput) -> None:
         self._refuse_if_ended()
-        self.rt.board.validate_decision(inp)
+        self.rt.board.validate_decision(inp, strict=True)
 
     async def _task_action(self, action: str, inp: TaskActionInput) -> TaskView:
         task = self.rt.board.apply_action(action, inp, workflow.now())
@@ -910,7 +1049,7 @@ class SalesOrderWorkflow:
 
     @claim.validator
     def _validate_claim(self, inp: TaskActionInput) -> None:
-        self.rt.board.validate_action("claim", inp)
+        self.rt.board.validate_action("claim", inp, strict=True)
 
     @workflow.update
     async def release(self, inp: TaskActionInput) -> TaskView:
@@ -919,7 +1058,7 @@ class SalesOrderWorkflow:
 
     @release.validator
     def _validate_release(self, inp: TaskActionInput) -> None:
-        self.rt.board.validate_action("release", inp)
+        self.rt.board.validate_action("release", inp, strict=True)
 
     @workflow.update
     async def delegate(self, inp: TaskActionInput) -> TaskView:
@@ -928,7 +1067,7 @@ class SalesOrderWorkflow:
 
     @delegate.validator
     def _validate_delegate(self, inp: TaskActionInput) -> None:
-        self.rt.board.validate_action("delegate", inp)
+        self.rt.board.validate_action("delegate", inp, strict=True)
 
     @workflow.update
     async def reassign(self, inp: TaskActionInput) -> TaskView:
@@ -937,7 +1076,7 @@ class SalesOrderWorkflow:
 
     @reassign.validator
     def _validate_reassign(self, inp: TaskActionInput) -> None:
-        self.rt.board.validate_action("reassign", inp)
+        self.rt.board.validate_action("reassign", inp, strict=True)
 
     @workflow.update
     async def amend(self, inp: AmendInput) -> SalesOrderStatus:
@@ -956,6 +1095,7 @@ class SalesOrderWorkflow:
             for role in self.policy.special_change_roles
         ]
         self.ack_tasks.extend(tasks)
+        self.special_changes.append(tasks)
         self.rt.stage = StageChange(
             order_no=self.inp.order_no,
             stage=self.stage,
@@ -974,6 +1114,14 @@ class SalesOrderWorkflow:
     @amend.validator
     def _validate_amend(self, inp: AmendInput) -> None:
         self._refuse_if_shipped("changed")
+        still_open = sum(1 for ts in self.special_changes if any(t.is_open for t in ts))
+        if still_open >= self.policy.max_open_special_changes:
+            raise ApplicationError(
+                f"{still_open} special changes wait for acknowledgement; the policy allows "
+                f"{self.policy.max_open_special_changes} at once",
+                type=CONFLICT,
+                non_retryable=True,
+            )
         if inp.actor.username != self.inp.requester and not AMEND_ROLES & set(inp.actor.roles):
             raise ApplicationError(
                 "only the requester, sales or a manager may change an order",
@@ -987,7 +1135,7 @@ class SalesOrderWorkflow:
         self.cancel_request = inp
         self.rt.audit(inp.actor.username, "cancel_requested", inp.reason)
         await self.rt.settled(self.rt.changed())
-        await workflow.wait_condition(lambda: self.rt.done)
+        await workflow.wait_condition(lambda: self.rt.done or self.stage == Stage.NEEDS_ATTENTION)
         return self.status()
 
     @cancel.validator
@@ -1006,35 +1154,94 @@ class SalesOrderWorkflow:
 
     @workflow.signal(unfinished_policy=workflow.HandlerUnfinishedPolicy.ABANDON)
     async def payment_received(self, event: PaymentEvent) -> None:
-        """The provider reports a payment; a redelivered event id changes nothing."""
+        """The provider reports a payment; a redelivered event id changes nothing (instances
+        started before 2026-12 are told through this signal; newer callers use `pay`)."""
         if event.event_id in self.seen_payment_events or self.rt.done:
             return
-        self.seen_payment_events.add(event.event_id)
+        await self._receive_payment(event)
+
+    @workflow.update
+    async def pay(self, event: PaymentEvent) -> PaymentOutcome:
+        """The provider reports a payment; refused (Conflict) when the event belongs to another
+        order or was reported with another amount; its money then counts nowhere."""
+        refusal = await self._receive_payment(event)
+        if refusal:
+            raise ApplicationError(refusal, type=CONFLICT, non_retryable=True)
+        return self._payment_outcome(event.event_id, duplicate=False)
+
+    @pay.validator
+    def _validate_pay(self, event: PaymentEvent) -> None:
+        self._refuse_if_ended()
+        known = self.seen_payment_events.get(event.event_id)
+        if known is not None and known != event.amount:
+            raise ApplicationError(
+                f"payment event {event.event_id} was reported with {known} "
+                f"{self.inp.currency}, not {event.amount}",
+                type=CONFLICT,
+                non_retryable=True,
+            )
+        if known is not None:  # redelivery: nothing to do, nothing written to history
+            raise ApplicationError(
+                f"payment event {event.event_id} is already recorded",
+                type=DUPLICATE_EVENT,
+                non_retryable=True,
+            )
+
+    def _payment_outcome(self, event_id: str, duplicate: bool) -> PaymentOutcome:
+        return PaymentOutcome(
+            event_id=event_id,
+            duplicate=duplicate,
+            paid=self._paid(),
+            refunded=self._refunded(),
+            balance=self._balance(),
+        )
+
+    async def _receive_payment(self, event: PaymentEvent) -> str:
+        """Book a reported payment in the ledger; returns why it was refused ('' if booked)."""
+        self.seen_payment_events[event.event_id] = event.amount
         async with self.rt.event():
             key = f"incoming:{event.event_id}"
-            result = await workflow.execute_activity(
-                "record_incoming_payment",
-                IncomingPayment(
-                    event_id=event.event_id,
-                    order_no=self.inp.order_no,
-                    amount=event.amount,
-                    currency=self.inp.currency,
-                ),
-                result_type=PaymentResult,
-                start_to_close_timeout=timedelta(seconds=30),
-                summary=f"record incoming payment {event.amount} {self.inp.currency}",
-            )
+            try:
+                result = await workflow.execute_activity(
+                    "record_incoming_payment",
+                    IncomingPayment(
+                        event_id=event.event_id,
+                        order_no=self.inp.order_no,
+                        amount=event.amount,
+                        currency=self.inp.currency,
+                    ),
+                    result_type=PaymentResult,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=_retry() if self.hardened else None,
+                    summary=f"record incoming payment {event.amount} {self.inp.currency}",
+                )
+            except ActivityError as err:
+                cause = err.cause
+                if not (
+                    isinstance(cause, ApplicationError) and cause.type == PAYMENT_EVENT_CONFLICT
+                ):
+                    raise
+                del self.seen_payment_events[event.event_id]  # it is not this order's
+                self.rt.audit(
+                    "provider", "payment_refused", cause.message, {"event_id": event.event_id}
+                )
+                return cause.message
+            if any(p.key == key for p in self.payments):
+                return ""
             self.payments.append(
                 PaymentView(
-                    key=key, kind="incoming", amount=event.amount, provider_ref=result.provider_ref
+                    key=key, kind="incoming", amount=result.amount, provider_ref=result.provider_ref
                 )
             )
             self.rt.audit(
                 "provider",
                 "payment_received",
-                f"{event.amount} {self.inp.currency}",
+                f"{result.amount} {self.inp.currency}",
                 {"event_id": event.event_id},
             )
+            if self.hardened and not self.stopped and self.cancel_request is None:
+                await self._refund_excess()
+        return ""
 
     def _refuse_if_ended(self) -> None:
         if self.rt.done or self.stage in TERMINAL_STAGES:
@@ -1068,5 +1275,6 @@ def _view(t: HumanTask) -> TaskView:
         due_at=t.escalate_at,
         deadline_at=t.deadline_at,
         escalated=t.escalated,
-        history=list(t.history),
+        history=t.history[-VIEW_HISTORY:],
+        history_total=len(t.history) + t.events_dropped,
     )

@@ -14,10 +14,12 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep
 from api.errors import application_error_of, field_error, not_found_as, responses
 from api.schemas import (
+    MAX_OFFSET,
     CommentBody,
     DecisionBody,
     DelegateBody,
     Principal,
+    QueryText,
     ReassignBody,
     TaskOut,
     TaskPage,
@@ -57,14 +59,16 @@ def _out(row: TaskRow, user: Principal) -> TaskOut:
 async def inbox(
     user: CurrentUser,
     session: SessionDep,
-    kind: str | None = None,
-    business_key: str | None = None,
-    name: Annotated[str | None, Query(description="part of the task name")] = None,
+    kind: Annotated[QueryText | None, Query(max_length=32)] = None,
+    business_key: Annotated[QueryText | None, Query(max_length=64)] = None,
+    name: Annotated[
+        QueryText | None, Query(max_length=200, description="part of the task name")
+    ] = None,
     include_taken: Annotated[
         bool, Query(description="also show tasks of my roles taken by others")
     ] = False,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> TaskPage:
     """Open tasks assigned to the caller or offered to one of their roles, never their own."""
     mine = TaskRow.assignee == user.username
@@ -211,16 +215,24 @@ async def _action(
     settings: Settings,
 ) -> TaskView:
     row = await _task(session, task_id, user)
+    to_roles: list[str] | None = None
     if to_user is not None:
         target = await session.get(User, to_user)
         if target is None or not target.active:
             raise field_error("to_user", f"no active user named {to_user}")
+        to_roles = list(target.roles or [])  # the workflow checks the target is entitled
     update = getattr(SalesOrderWorkflow, action)
     await session.close()  # no database connection held while the process moves on
     with not_found_as(f"task {task_id} not found"):
         return await _handle(client, row).execute_update(
             update,
-            TaskActionInput(task_id=task_id, actor=user.actor, to_user=to_user, comment=comment),
+            TaskActionInput(
+                task_id=task_id,
+                actor=user.actor,
+                to_user=to_user,
+                to_roles=to_roles,
+                comment=comment,
+            ),
             rpc_timeout=_wait(settings),
         )
 

@@ -11,6 +11,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.models import (
     PAYMENT_DECLINED,
+    PAYMENT_EVENT_CONFLICT,
     PROVIDER_UNAVAILABLE,
     IncomingPayment,
     PaymentRequest,
@@ -129,3 +130,26 @@ async def test_incoming_payment_is_recorded_once_per_event(payments, sessions, a
     assert (first.status, first.duplicate, second.duplicate) == ("received", False, True)
     assert first.idempotency_key == "incoming:evt-42"
     assert await _ledger(sessions) == [("incoming", "incoming:evt-42", Decimal("99.50"))]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"order_no": "SO-2"},  # the same event for another order
+        {"amount": Decimal("5000.00")},  # the same event with another amount
+        {"currency": "USD"},
+    ],
+)
+async def test_an_incoming_event_belongs_to_one_order_and_amount(
+    payments, sessions, activity_env, other
+):
+    event = {"event_id": "E-9080-a", "order_no": "SO-1", "amount": Decimal("100.00")}
+    await activity_env.run(
+        payments.record_incoming_payment, IncomingPayment(**event, currency="EUR")
+    )
+    replay = IncomingPayment(**{**event, "currency": "EUR", **other})
+    with pytest.raises(ApplicationError) as err:
+        await activity_env.run(payments.record_incoming_payment, replay)
+    assert err.value.type == PAYMENT_EVENT_CONFLICT and err.value.non_retryable
+    assert "E-9080-a" in err.value.message
+    assert await _ledger(sessions) == [("incoming", "incoming:E-9080-a", Decimal("100.00"))]

@@ -26,6 +26,7 @@ from temporalio.worker import Worker
 from activities.models import (
     OUT_OF_STOCK,
     PAYMENT_DECLINED,
+    PAYMENT_EVENT_CONFLICT,
     IncomingPayment,
     InvoiceRequest,
     InvoiceResult,
@@ -88,7 +89,10 @@ class Fakes:
     charges: dict[str, Decimal] = field(default_factory=dict)
     charge_calls: int = 0
     refunds: dict[str, Decimal] = field(default_factory=dict)
+    refund_of: dict[str, str] = field(default_factory=dict)  # refund key -> payment key
     incoming: dict[str, Decimal] = field(default_factory=dict)
+    incoming_orders: dict[str, str] = field(default_factory=dict)  # event id -> order no
+    refunds_declined: int = 0  # the provider refuses this many refunds
     declined_customers: set[str] = field(default_factory=set)
     lost_answers: int = 0  # charge succeeds at the provider, the answer is lost (retry follows)
     out_of_stock: set[str] = field(default_factory=set)
@@ -134,6 +138,25 @@ class Fakes:
 
         @activity.defn(name="refund_payment")
         async def refund_payment(req: RefundRequest) -> PaymentResult:
+            if req.idempotency_key not in f.refunds:
+                if f.refunds_declined > 0:
+                    f.refunds_declined -= 1
+                    raise ApplicationError(
+                        "refund refused by the provider", type=PAYMENT_DECLINED, non_retryable=True
+                    )
+                original = f.charges.get(req.original_key) or f.incoming.get(
+                    req.original_key.removeprefix("incoming:")
+                )
+                given_back = sum(
+                    a for k, a in f.refunds.items() if f.refund_of.get(k) == req.original_key
+                )
+                if original is None or req.amount > original - given_back:
+                    raise ApplicationError(
+                        f"refund {req.amount} exceeds what {req.original_key} can give back",
+                        type=PAYMENT_DECLINED,
+                        non_retryable=True,
+                    )
+                f.refund_of[req.idempotency_key] = req.original_key
             f.refunds.setdefault(req.idempotency_key, req.amount)
             return PaymentResult(
                 idempotency_key=req.idempotency_key,
@@ -144,9 +167,23 @@ class Fakes:
 
         @activity.defn(name="record_incoming_payment")
         async def record_incoming_payment(p: IncomingPayment) -> PaymentResult:
+            known = f.incoming.get(p.event_id)
+            if known is not None and (
+                known != p.amount or f.incoming_orders[p.event_id] != p.order_no
+            ):
+                raise ApplicationError(
+                    f"payment event {p.event_id} is already booked for another order or amount",
+                    type=PAYMENT_EVENT_CONFLICT,
+                    non_retryable=True,
+                )
             f.incoming.setdefault(p.event_id, p.amount)
+            f.incoming_orders.setdefault(p.event_id, p.order_no)
             return PaymentResult(
-                idempotency_key=p.event_id, provider_ref="in-1", amount=p.amount, status="received"
+                idempotency_key=f"incoming:{p.event_id}",
+                provider_ref="in-1",
+                amount=p.amount,
+                status="received",
+                duplicate=known is not None,
             )
 
         @activity.defn(name="reserve_stock")

@@ -290,13 +290,17 @@ async def test_claim_release_delegate_and_reassign(harness):
         await refused(
             h,
             SalesOrderWorkflow.delegate,
-            TaskActionInput(task_id=task.task_id, actor=VP, to_user="alice"),
+            TaskActionInput(
+                task_id=task.task_id, actor=VP, to_user="alice", to_roles=["requester"]
+            ),
         )
         == "FourEyesViolation"
     )
     view = await h.execute_update(
         SalesOrderWorkflow.delegate,
-        TaskActionInput(task_id=task.task_id, actor=VP, to_user="vince"),
+        TaskActionInput(
+            task_id=task.task_id, actor=VP, to_user="vince", to_roles=["vice-president"]
+        ),
     )
     assert view.assignee == "vince"
     assert (
