@@ -9,6 +9,13 @@ The `MailDispatcher` runs beside each worker: it claims due rows with a lease (s
 workers never send one row together), sends them over one SMTP session, marks them sent, and
 retries failures with exponential backoff. Delivery is at least once: a crash between the SMTP
 answer and marking the row sent sends that mail again.
+
+A failure is the failing mail's alone: a mail the server refuses (or cannot take, see
+activities/mail.py) is retried on its own while the rest of its batch goes out, and a session
+that breaks after it carried mail is opened again for the rest. A row gives up, as status
+`failed` with a `mail_failed` entry in its instance's audit log, after `max_attempts` attempts
+in all when the last refusal was permanent (5xx, every recipient refused, an address the server
+cannot take), or after `max_transient_attempts` when it was not (4xx, the server away).
 """
 
 from __future__ import annotations
@@ -25,11 +32,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
-from activities.mail import SmtpSender
+from activities.mail import MailRefused, SessionClosed, SmtpSender
 from activities.models import Notification, NotificationResult
-from core.db import OutboxMessage, User, utcnow
+from core.db import AuditEntry, OutboxMessage, User, utcnow
 
 log = logging.getLogger(__name__)
+
+# outbox row status: the dispatcher's to send; the notify activity's to send; done; given up
+PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
+MAIL_FAILED = "mail_failed"  # audit action when a row gives up
+
+# a session that could not be opened or broke: the server is away (or went away)
+_SESSION_ERRORS = (OSError, TimeoutError, aiosmtplib.SMTPException)
 
 
 class NotificationActivities:
@@ -42,7 +56,7 @@ class NotificationActivities:
         """Resolve recipients, record the outbox row, send once per idempotency key."""
         async with self._sessions() as session:
             row = await _outbox_row(session, note.idempotency_key)
-            if row is not None and row.status == "sent":
+            if row is not None and row.status == SENT:
                 activity.logger.info("notification %s already sent", note.idempotency_key)
                 return NotificationResult(
                     recipients=list(row.recipients), sent=bool(row.recipients), duplicate=True
@@ -55,7 +69,7 @@ class NotificationActivities:
                     recipients=recipients,
                     subject=note.subject,
                     body=note.body,
-                    status="sending",  # this activity's to send (and retry), not the dispatcher's
+                    status=SENDING,  # this activity's to send (and retry), not the dispatcher's
                 )
                 session.add(row)
                 try:
@@ -73,7 +87,7 @@ class NotificationActivities:
                 activity.logger.info("notification %s sent to %s", note.idempotency_key, recipients)
             else:
                 activity.logger.warning("notification %s has no recipients", note.idempotency_key)
-            row.status = "sent"
+            row.status = SENT
             row.sent_at = utcnow()
             await session.commit()
         return NotificationResult(recipients=recipients, sent=bool(recipients))
@@ -119,7 +133,7 @@ def outbox_rows(notes: list[Notification], recipients: list[list[str]]) -> list[
             "recipients": to,
             "subject": n.subject,
             "body": n.body,
-            "status": "pending",
+            "status": PENDING,
             "created_at": now,
             "attempts": 0,
         }
@@ -131,6 +145,7 @@ def outbox_rows(notes: list[Notification], recipients: list[list[str]]) -> list[
 class _Claimed:
     id: int
     key: str
+    workflow_id: str
     recipients: list[str]
     subject: str
     body: str
@@ -150,6 +165,8 @@ class MailDispatcher:
         lease_s: float = 60.0,
         first_backoff_s: float = 1.0,
         max_backoff_s: float = 600.0,
+        max_attempts: int = 5,
+        max_transient_attempts: int = 50,
         gather_s: float = 0.2,
     ) -> None:
         self._sessions = session_factory
@@ -159,9 +176,12 @@ class MailDispatcher:
         self.lease = timedelta(seconds=lease_s)
         self.first_backoff_s = first_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_attempts = max_attempts  # in all, once a refusal was permanent
+        self.max_transient_attempts = max(max_transient_attempts, max_attempts)
         self.gather_s = gather_s
         self.sent = 0  # mails this dispatcher delivered
-        self.failures = 0  # attempts that failed (each retried later)
+        self.failures = 0  # attempts that failed (retried later, or given up)
+        self.given_up = 0  # rows this dispatcher marked failed
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -218,36 +238,65 @@ class MailDispatcher:
         rows = await self._claim()
         if not rows:
             return 0
-        pending = list(rows)
-        sent: list[_Claimed] = []
+        pending = [r for r in rows if r.recipients]
+        sent = [r for r in rows if not r.recipients]  # nothing to send: done
+        partly: dict[int, str] = {}  # row id -> the recipients refused while others accepted
         try:
-            if any(r.recipients for r in rows):
-                async with self._sender.connection() as send:
-                    while pending:
-                        row = pending[0]
-                        if row.recipients:
-                            try:
-                                await send(row.recipients, row.subject, row.body)
-                            except aiosmtplib.SMTPResponseException as refused:
-                                pending.pop(0)  # this mail was refused; the session goes on
-                                await self._failed(row, refused)
-                                continue
-                        sent.append(pending.pop(0))
-            else:
-                sent, pending = pending, []
-        except (OSError, TimeoutError, aiosmtplib.SMTPException) as err:
-            for row in pending:  # the server is away: every mail not sent yet waits
-                await self._failed(row, err)
+            while pending:  # each round one session; it returns what is left for a new one
+                pending = await self._over_one_session(pending, sent, partly)
         finally:
             # one write for the batch (the records database may have one writer at a time);
             # a crash before it sends these again once their lease ends (at least once)
-            await self._sent(sent)
+            await self._sent(sent, partly)
         return len(rows)
+
+    async def _over_one_session(
+        self, pending: list[_Claimed], sent: list[_Claimed], partly: dict[int, str]
+    ) -> list[_Claimed]:
+        """Send pending over one SMTP session (sent ones go to `sent`, refused ones back off);
+        returns the mails left for a new session, or [] when the server is away.
+
+        A session that breaks before the server answered any of its mails means the server is
+        away: every mail not sent yet waits. One that breaks after it carried mail is opened
+        again for the rest: the mail in flight takes the failure (it may be what broke it),
+        none when the server had closed the session before it was offered.
+        """
+        carried = False
+        try:
+            async with self._sender.connection() as send:
+                while pending:
+                    row = pending[0]
+                    try:
+                        refused = await send(row.recipients, row.subject, row.body)
+                    except MailRefused as err:  # this mail's failure; the session goes on
+                        pending.pop(0)
+                        carried = True
+                        await self._failed(row, err, permanent=err.permanent)
+                        continue
+                    except SessionClosed:  # not this mail's doing: it goes over the next session
+                        raise
+                    except _SESSION_ERRORS as err:
+                        if not carried:
+                            raise
+                        pending.pop(0)
+                        await self._failed(row, err, permanent=False)
+                        return pending
+                    if refused:
+                        partly[row.id] = "; ".join(f"{a}: {why}" for a, why in refused.items())
+                    sent.append(pending.pop(0))
+                    carried = True
+        except _SESSION_ERRORS as err:
+            if carried:
+                return pending
+            for row in pending:  # the server is away: every mail not sent yet waits
+                await self._failed(row, err, permanent=False)
+            return []
+        return pending
 
     async def _claim(self) -> list[_Claimed]:
         now = utcnow()
         claimable = (
-            OutboxMessage.status == "pending",
+            OutboxMessage.status == PENDING,
             or_(OutboxMessage.next_attempt_at.is_(None), OutboxMessage.next_attempt_at <= now),
             or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now),
         )
@@ -261,6 +310,7 @@ class MailDispatcher:
             .returning(
                 OutboxMessage.id,
                 OutboxMessage.idempotency_key,
+                OutboxMessage.workflow_id,
                 OutboxMessage.recipients,
                 OutboxMessage.subject,
                 OutboxMessage.body,
@@ -272,26 +322,41 @@ class MailDispatcher:
             result = (await session.execute(stmt)).all()
         return sorted((_Claimed(*r) for r in result), key=lambda r: r.id)
 
-    async def _sent(self, rows: list[_Claimed]) -> None:
+    async def _sent(self, rows: list[_Claimed], partly: dict[int, str]) -> None:
         if not rows:
             return
         async with self._sessions.begin() as session:
             await session.execute(
                 update(OutboxMessage)
                 .where(OutboxMessage.id.in_([r.id for r in rows]))
-                .values(status="sent", sent_at=utcnow(), lease_until=None)
+                .values(status=SENT, sent_at=utcnow(), lease_until=None)
                 .execution_options(synchronize_session=False)
             )
+            for row_id, refused in partly.items():  # sent, but not to everyone: say to whom not
+                await session.execute(
+                    update(OutboxMessage)
+                    .where(OutboxMessage.id == row_id)
+                    .values(last_error=f"refused: {refused}"[:1000])
+                    .execution_options(synchronize_session=False)
+                )
         for row in rows:
-            if row.recipients:
+            if row.id in partly:
+                self.sent += 1
+                log.warning("mail %s sent, but refused for %s", row.key, partly[row.id])
+            elif row.recipients:
                 self.sent += 1
                 log.info("mail %s sent to %s", row.key, row.recipients)
             else:
                 log.warning("mail %s has no recipients", row.key)
 
-    async def _failed(self, row: _Claimed, err: BaseException) -> None:
+    async def _failed(self, row: _Claimed, err: BaseException, *, permanent: bool) -> None:
+        """Count a failed attempt: back off, or give up once the attempts reach their cap."""
         self.failures += 1
         attempts = row.attempts + 1
+        error = str(err)[:1000] or type(err).__name__
+        if attempts >= (self.max_attempts if permanent else self.max_transient_attempts):
+            await self._give_up(row, attempts, error, permanent)
+            return
         delay = min(self.max_backoff_s, self.first_backoff_s * 2 ** (attempts - 1))
         log.warning(
             "mail %s: attempt %s failed (%s); next in %.0f s", row.key, attempts, err, delay
@@ -304,7 +369,52 @@ class MailDispatcher:
                     attempts=attempts,
                     next_attempt_at=utcnow() + timedelta(seconds=delay),
                     lease_until=None,
-                    last_error=str(err)[:1000] or type(err).__name__,
+                    last_error=error,
                 )
                 .execution_options(synchronize_session=False)
             )
+
+    async def _give_up(self, row: _Claimed, attempts: int, error: str, permanent: bool) -> None:
+        """Mark the row failed and write its audit entry, in one transaction (once: a row
+        another dispatcher settled meanwhile is left as it is)."""
+        async with self._sessions.begin() as session:
+            marked = await session.scalar(
+                update(OutboxMessage)
+                .where(OutboxMessage.id == row.id, OutboxMessage.status == PENDING)
+                .values(
+                    status=FAILED,
+                    attempts=attempts,
+                    next_attempt_at=None,
+                    lease_until=None,
+                    last_error=error,
+                )
+                .returning(OutboxMessage.id)
+                .execution_options(synchronize_session=False)
+            )
+            if marked is None:
+                return
+            session.add(
+                AuditEntry(
+                    event_key=f"mail-failed:{row.id}",
+                    workflow_id=row.workflow_id,
+                    actor="system",
+                    action=MAIL_FAILED,
+                    comment=error,
+                    details={
+                        "idempotency_key": row.key,
+                        "subject": row.subject,
+                        "recipients": row.recipients,
+                        "attempts": attempts,
+                        "permanent": permanent,
+                    },
+                    at=utcnow(),
+                )
+            )
+        self.given_up += 1
+        log.error(
+            "mail %s to %s failed for good after %s attempts: %s",
+            row.key,
+            row.recipients,
+            attempts,
+            error,
+        )

@@ -50,6 +50,7 @@ ADMITS: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/policies/{process_type}"): ANY,
     ("GET", "/policies/{process_type}/versions"): ANY,
     ("POST", "/policies/{process_type}"): frozenset({"admin"}),
+    ("GET", "/outbox"): frozenset({"admin"}),
 }
 
 
