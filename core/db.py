@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
     Integer,
-    Numeric,
     String,
     Text,
     TypeDecorator,
@@ -24,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import operators
 
 
 def utcnow() -> datetime:
@@ -34,7 +36,140 @@ class Base(DeclarativeBase):
     pass
 
 
-Money = Numeric(18, 2)
+def to_minor_units(value: Any, scale: int, precision: int, rounding: str = "exact") -> int:
+    """value (int or Decimal) as an integer count of 10**-scale units, computed exactly.
+
+    `exact` refuses (ValueError) a value with more than `scale` decimals, or beyond the range
+    of a column of `precision` digits (|value| >= 10**(precision - scale)), instead of rounding
+    it silently.
+    `ceiling` and `floor` round a comparison bound towards the side that keeps the comparison
+    exact, and clamp a bound beyond the range to its edge (no stored value reaches it).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ValueError(f"{value!r} is not an exact amount: pass a Decimal or an int")
+    limit = 10**precision
+    if isinstance(value, int):
+        units = value * 10**scale
+    else:
+        if not value.is_finite():
+            raise ValueError(f"{value} is not a finite amount")
+        sign, digits, exponent = value.as_tuple()
+        assert isinstance(exponent, int)  # finite
+        coefficient = int("".join(map(str, digits)))
+        if coefficient and value.adjusted() >= precision - scale:
+            if rounding == "exact":
+                raise ValueError(f"{value} is beyond the range of {precision - scale} digits")
+            return -limit if sign else limit
+        shift = exponent + scale
+        if shift >= 0:
+            units = coefficient * 10**shift
+        else:
+            # shift is negative: drop -shift digits, which must be zeros for an exact value
+            divisor = 10 ** min(-shift, len(digits))
+            units, remainder = divmod(coefficient, divisor)
+            if remainder:
+                if rounding == "exact":
+                    raise ValueError(f"{value} has more than {scale} decimal places")
+                # toward +infinity for a lower bound, -infinity for an upper one
+                units += 1 if (rounding == "ceiling") != bool(sign) else 0
+        units = -units if sign else units
+    if abs(units) >= limit:
+        if rounding == "exact":
+            raise ValueError(f"{value} is beyond the range of {precision - scale} digits")
+        return max(-limit, min(limit, units))
+    return units
+
+
+def from_minor_units(value: Any, scale: int) -> Decimal:
+    """A stored count of 10**-scale units (int; a Decimal from SUM on PostgreSQL) as a Decimal
+    with `scale` places."""
+    return Decimal(value if isinstance(value, int | Decimal) else str(value)).scaleb(-scale)
+
+
+# x >= b  <=>  units >= ceil(b * 10**scale); x <= b  <=>  units <= floor(b * 10**scale)
+_BOUND_ROUNDING = {
+    operators.ge: "ceiling",
+    operators.lt: "ceiling",
+    operators.le: "floor",
+    operators.gt: "floor",
+}
+
+
+class _MinorUnitsComparator(TypeDecorator.Comparator, BigInteger.Comparator):
+    """Sums and differences of columns of one scale keep the type, so `on_hand - reserved >=
+    delta` (activities/warehouse.py) binds delta in minor units too; left to SQLAlchemy the
+    difference is a plain BIGINT and delta would be compared as units against thousandths.
+    Products and quotients are refused: `amount * 2` would bind 2 as 200 cents, and cents
+    times thousandths is neither."""
+
+    def _adapt_expression(self, op, other_comparator):
+        own, other = self.type, other_comparator.type
+        if op in (operators.add, operators.sub):
+            if isinstance(own, MinorUnits) and isinstance(other, MinorUnits):
+                if other.scale == own.scale:
+                    return op, own
+        if op in (operators.mul, operators.truediv, operators.floordiv, operators.mod):
+            raise NotImplementedError(
+                f"{op.__name__} on an amount stored in minor units: compute it in Python"
+            )
+        return super()._adapt_expression(op, other_comparator)
+
+
+class MinorUnits(TypeDecorator):
+    """An exact decimal with `scale` places stored as a BIGINT count of 10**-scale units
+    (money in cents, quantities in thousandths): exact on SQLite, whose NUMERIC is a float,
+    and on PostgreSQL, and compared, ordered and summed in SQL as integers.
+
+    Values with more decimals than `scale`, or of `precision` digits or more, are refused
+    (ValueError) when stored. A comparison bound (`amount_due >= x`) is converted with the
+    operator in view, so any Decimal bound compares exactly.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+    comparator_factory = _MinorUnitsComparator
+
+    def __init__(self, scale: int, precision: int = 18) -> None:
+        super().__init__()
+        self.scale = scale
+        self.precision = precision
+
+    def coerce_compared_value(self, op, value):
+        rounding = _BOUND_ROUNDING.get(op)
+        if rounding is None:
+            return self
+        return _MinorUnitsBound(self.scale, self.precision, rounding)
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        return to_minor_units(value, self.scale, self.precision)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return from_minor_units(value, self.scale)
+
+
+class _MinorUnitsBound(MinorUnits):
+    """The type of a bound compared with a MinorUnits column: rounded towards the side that
+    keeps the comparison exact instead of refused."""
+
+    cache_ok = True
+
+    def __init__(self, scale: int, precision: int, rounding: str) -> None:
+        super().__init__(scale, precision)
+        self.rounding = rounding
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        return to_minor_units(value, self.scale, self.precision, self.rounding)
+
+
+# NUMERIC(18, 2) and NUMERIC(18, 3) before migration 0003
+Money = MinorUnits(2)
+Quantity = MinorUnits(3)
 
 
 class UTCDateTime(TypeDecorator):
@@ -106,7 +241,7 @@ class OrderLine(Base):
     line_no: Mapped[int] = mapped_column(Integer)
     sku: Mapped[str] = mapped_column(String(64))
     description: Mapped[str] = mapped_column(String(400), default="")
-    quantity: Mapped[Decimal] = mapped_column(Numeric(18, 3))
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     unit_price: Mapped[Decimal] = mapped_column(Money)
 
 
@@ -203,8 +338,8 @@ class StockItem(Base):
     __tablename__ = "stock"
     sku: Mapped[str] = mapped_column(String(64), primary_key=True)
     description: Mapped[str] = mapped_column(String(400), default="")
-    on_hand: Mapped[Decimal] = mapped_column(Numeric(18, 3))
-    reserved: Mapped[Decimal] = mapped_column(Numeric(18, 3), default=0)
+    on_hand: Mapped[Decimal] = mapped_column(Quantity)
+    reserved: Mapped[Decimal] = mapped_column(Quantity, default=0)
 
 
 class StockReservation(Base):
@@ -213,7 +348,7 @@ class StockReservation(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     order_no: Mapped[str] = mapped_column(String(64), index=True)
     sku: Mapped[str] = mapped_column(String(64))
-    quantity: Mapped[Decimal] = mapped_column(Numeric(18, 3))
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     status: Mapped[str] = mapped_column(String(16))  # held | released | shipped
 
 
