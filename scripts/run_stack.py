@@ -379,7 +379,10 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
     stack.run_once("migrate", python_module("scripts.migrate"))
     stack.run_once("seed", python_module("scripts.seed"))
     stack.start("worker", [sys.executable, "worker.py"])
+    # --no-proxy-headers: request.client is the socket peer; the app decides whom to believe
+    # (PROCFLOW_TRUSTED_PROXIES)
     api_args = ["--factory", "--host", config.host, "--port", str(config.api_port)]
+    api_args.append("--no-proxy-headers")
     stack.start("api", python_module("uvicorn", "api.app:create_app", *api_args))
     wait_until(stack, "API", lambda: api_healthy(config), API_READY_TIMEOUT_S)
     base = f"http://{config.host}"

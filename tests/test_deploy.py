@@ -128,6 +128,18 @@ def test_procflow_variables_are_settings_fields() -> None:
         assert env["PROCFLOW_DATABASE_URL"].startswith("postgresql+asyncpg://"), name
 
 
+def test_the_api_trusts_no_proxy_headers_by_itself_and_runs_in_production() -> None:
+    api = SERVICES["api"]
+    args = shlex.split(command_text(api))
+    assert "*" not in args and not any("*" in a for a in args if "forwarded" in a), args
+    assert "--proxy-headers" not in args and "--no-proxy-headers" in args, args
+    env = environment(api)
+    assert env["PROCFLOW_ENVIRONMENT"] == "production"
+    assert "*" not in env["PROCFLOW_TRUSTED_PROXIES"]
+    # the secret has no committed value: compose refuses to start without it
+    assert env["PROCFLOW_JWT_SECRET"].startswith("${PROCFLOW_JWT_SECRET:?")
+
+
 def test_depends_on_names_existing_services() -> None:
     for name, service in SERVICES.items():
         for target in service.get("depends_on", []):
