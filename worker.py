@@ -20,12 +20,14 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.mail import SmtpSender
 from activities.notifications import MailDispatcher, NotificationActivities
 from activities.payments import PaymentActivities, PaymentProvider, SandboxPaymentProvider
+from activities.reconcile import ReadModelReconciler
 from activities.records import RecordActivities
 from activities.warehouse import WarehouseActivities
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings
 from core.temporal import connect
-from workflows.sales_order import SalesOrderWorkflow
+from workflows.sales_order import PROCESS_TYPE as SALES_ORDER
+from workflows.sales_order import TERMINAL_STAGES, SalesOrderWorkflow
 
 WORKFLOWS = [SalesOrderWorkflow]
 # The sandbox re-imports every non-passthrough module for each workflow instance it creates
@@ -45,16 +47,21 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=8)
 
 
 class ProcflowWorker:
-    """The Temporal worker and the mail dispatcher that drains the outbox: `async with` runs
-    both in the background and stops both (the worker first, then a last delivery round)."""
+    """The Temporal worker, the mail dispatcher that drains the outbox and the reconciler that
+    writes abnormal ends into the read model: `async with` runs them in the background and
+    stops them (the worker first, then a last delivery round and the reconciler's round)."""
 
-    def __init__(self, worker: Worker, dispatcher: MailDispatcher) -> None:
+    def __init__(
+        self, worker: Worker, dispatcher: MailDispatcher, reconciler: ReadModelReconciler
+    ) -> None:
         self.worker = worker
         self.dispatcher = dispatcher
+        self.reconciler = reconciler
 
     async def __aenter__(self) -> ProcflowWorker:
         await self.worker.__aenter__()
         self.dispatcher.start()
+        self.reconciler.start()
         return self
 
     async def __aexit__(
@@ -66,7 +73,10 @@ class ProcflowWorker:
         try:
             await self.worker.__aexit__(exc_type, exc, tb)
         finally:
-            await self.dispatcher.stop()
+            try:
+                await self.dispatcher.stop()
+            finally:
+                await self.reconciler.stop()
 
 
 def build_worker(
@@ -77,11 +87,23 @@ def build_worker(
     sender: SmtpSender,
     provider: PaymentProvider,
     dispatcher: MailDispatcher | None = None,
+    reconciler: ReadModelReconciler | None = None,
     **worker_options,
 ) -> ProcflowWorker:
-    """One worker with every workflow and activity, and its mail dispatcher; tests and `main`
-    both build it here."""
+    """One worker with every workflow and activity, its mail dispatcher and its read-model
+    reconciler (by default polling as PROCFLOW_RECONCILE_* say); tests and `main` both build
+    it here."""
     dispatcher = dispatcher or MailDispatcher(session_factory, sender)
+    if reconciler is None:
+        settings = get_settings()
+        reconciler = ReadModelReconciler(
+            client,
+            session_factory,
+            poll_s=settings.reconcile_poll_s,
+            lookback_s=settings.reconcile_lookback_s,
+            process_types=[SALES_ORDER],
+            final_stages=TERMINAL_STAGES,
+        )
     records = RecordActivities(session_factory, mail_queued=dispatcher.wake)
     notifications = NotificationActivities(session_factory, sender)
     payments = PaymentActivities(provider, session_factory)
@@ -105,7 +127,7 @@ def build_worker(
         ],
         **worker_options,
     )
-    return ProcflowWorker(worker, dispatcher)
+    return ProcflowWorker(worker, dispatcher, reconciler)
 
 
 async def main(settings: Settings) -> None:
@@ -133,6 +155,8 @@ async def main(settings: Settings) -> None:
             poll_s=settings.mail_poll_s,
             batch_size=settings.mail_batch_size,
             max_backoff_s=settings.mail_max_backoff_s,
+            max_attempts=settings.mail_max_attempts,
+            max_transient_attempts=settings.mail_max_transient_attempts,
         ),
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=settings.worker_max_cached_workflows,
