@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
 
@@ -52,6 +53,15 @@ def local_retry() -> RetryPolicy:
     )
 
 
+class RuntimeCarry(BaseModel):
+    """What the runtime carries into the next run of an instance (continue-as-new)."""
+
+    tasks: list[HumanTask]
+    task_seq: int
+    audit_count: int
+    revision: int
+
+
 class Stop(Exception):
     """Ends a process early as business (rejected, cancelled, failed) - never a failed workflow."""
 
@@ -81,6 +91,24 @@ class ProcessRuntime:
         self._inflight = 0  # event handlers (signals) still running their activities
         self.local = workflow.patched(LOCAL_PROJECTION)  # decided once, at the first task
         self._upserts: dict[str, SearchAttributeUpdate] = {}  # by attribute, until the flush
+        # set by the process: called where the instance waits once Temporal suggests a new
+        # run; it continues as new (raises) and never returns
+        self.continue_as_new: Callable[[], Awaitable[None]] | None = None
+
+    # ------------------------------------------------------------------ continue-as-new
+    def carry(self) -> RuntimeCarry:
+        return RuntimeCarry(
+            tasks=list(self.board.tasks.values()),
+            task_seq=self.board._seq,
+            audit_count=self.audit_count,
+            revision=self.revision,
+        )
+
+    def restore(self, carry: RuntimeCarry) -> None:
+        self.board.tasks = {t.task_id: t for t in carry.tasks}
+        self.board._seq = carry.task_seq
+        self.audit_count = carry.audit_count
+        self.revision = carry.revision
 
     # ------------------------------------------------------------------ projection
     def task_changed(self, task: HumanTask) -> None:
@@ -221,6 +249,16 @@ class ProcessRuntime:
             due = self.board.next_due()
             workflow.set_current_details(describe())
             self._settled = self._events
+            if self.continue_as_new is not None and workflow.info().is_continue_as_new_suggested():
+                # let running handlers finish first; anything they change is acted on (and
+                # written) before the instance continues in a new run
+                seen = self._events
+                await workflow.wait_condition(
+                    lambda seen=seen: workflow.all_handlers_finished() or self._events != seen
+                )
+                if self._events == seen and not interrupted():
+                    await self.continue_as_new()
+                continue
             if due is not None:
                 delay = due[0] - workflow.now()
                 if delay <= timedelta(0):

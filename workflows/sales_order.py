@@ -12,16 +12,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from email_validator import EmailNotValidError, validate_email
 
 from workflows.human_task import (
     Actor,
@@ -29,6 +41,7 @@ from workflows.human_task import (
     TaskActionInput,
     TaskEvent,
 )
+from workflows.runtime import RuntimeCarry
 
 PROCESS_TYPE = "sales_order"
 # one spelling everywhere: ProcessType, policy type, workflow ids ("sales_order-1001")
@@ -64,6 +77,24 @@ SHIPPED_OR_LATER = frozenset({Stage.SHIPPED, Stage.INVOICED}) | TERMINAL_STAGES
 
 Variant = Literal["standard", "prepaid_entry", "prepaid_warehouse"]
 
+# The largest amount an order, a line or a payment may carry (16 digits, as the money columns).
+MAX_AMOUNT = Decimal("99999999999999.99")
+# Validation context of a new submission: the checks below that came after instances were
+# started run only then, so that the input of an older instance always decodes on replay.
+SUBMISSION = MappingProxyType({"submission": True})
+
+
+def _submitting(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("submission"))
+
+
+def _plain_name(value: str) -> str:
+    """Refuse control, format (bidi overrides, zero-width) and separator characters."""
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise ValueError(f"must not contain the control or format character U+{ord(ch):04X}")
+    return value
+
 
 class Customer(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -73,6 +104,21 @@ class Customer(BaseModel):
     contact_phone: str = Field(min_length=5, max_length=40, pattern=r"^\+?[0-9 ()./-]{5,40}$")
     email: str = Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
+    @field_validator("id", "company_name")
+    @classmethod
+    def _names(cls, v: str, info: ValidationInfo) -> str:
+        return _plain_name(v) if _submitting(info) else v
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str, info: ValidationInfo) -> str:
+        if not _submitting(info):
+            return v
+        try:
+            return validate_email(v, check_deliverability=False).normalized
+        except EmailNotValidError as err:
+            raise ValueError(f"not a valid e-mail address: {err}") from None
+
 
 class OrderLine(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -81,6 +127,11 @@ class OrderLine(BaseModel):
     description: str = Field("", max_length=400)
     quantity: Decimal = Field(gt=0, max_digits=15, decimal_places=3)
     unit_price: Decimal = Field(gt=0, max_digits=16, decimal_places=2)
+
+    @field_validator("sku", "description")
+    @classmethod
+    def _names(cls, v: str, info: ValidationInfo) -> str:
+        return _plain_name(v) if _submitting(info) else v
 
 
 class OrderDetails(BaseModel):
@@ -115,6 +166,24 @@ class OrderDetails(BaseModel):
             raise ValueError("installments must add up to 100")
         return v
 
+    @field_validator("lines")
+    @classmethod
+    def _bounded_total(cls, v: list[OrderLine], info: ValidationInfo) -> list[OrderLine]:
+        if _submitting(info):
+            for i, line in enumerate(v):
+                if line.quantity * line.unit_price > MAX_AMOUNT:
+                    raise ValueError(f"line {i + 1}: quantity x unit_price exceeds {MAX_AMOUNT}")
+            if amount_of(v) > MAX_AMOUNT:
+                raise ValueError(f"the order's total exceeds {MAX_AMOUNT}")
+        return v
+
+    @field_validator("installments")
+    @classmethod
+    def _installment_cents(cls, v: list[Decimal], info: ValidationInfo) -> list[Decimal]:
+        if _submitting(info) and any(p != p.quantize(Decimal("0.01")) for p in v):
+            raise ValueError("installments are percentages with at most 2 decimals")
+        return v
+
     @model_validator(mode="after")
     def _unique_lines(self) -> OrderDetails:
         skus = [line.sku for line in self.lines]
@@ -125,13 +194,23 @@ class OrderDetails(BaseModel):
 
 class SalesOrderInput(OrderDetails):
     requester: str = Field(min_length=1, description="username from the caller's credentials")
+    carry: SalesOrderCarry | None = Field(
+        None, description="set by the workflow itself when it continues as new; never by callers"
+    )
+
+
+def submission(details: OrderDetails, requester: str) -> SalesOrderInput:
+    """The start input of a new order, with every submission check (raises ValidationError)."""
+    return SalesOrderInput.model_validate(
+        {**details.model_dump(), "requester": requester}, context=dict(SUBMISSION)
+    )
 
 
 class PaymentEvent(BaseModel):
     """An incoming payment reported by the provider; redelivery of an event_id changes nothing."""
 
     event_id: str = Field(min_length=1, max_length=200)
-    amount: Decimal = Field(gt=0, max_digits=16, decimal_places=2)
+    amount: Decimal = Field(gt=0, le=MAX_AMOUNT, max_digits=16, decimal_places=2)
 
 
 class AmendInput(BaseModel):
@@ -252,13 +331,46 @@ class SalesOrderResult(BaseModel):
     invoice_no: str | None = None
 
 
+class SalesOrderCarry(BaseModel):
+    """Everything an instance carries into its next run when it continues as new: its pinned
+    policy, money, tasks (with their absolute due times), and how far the process map got."""
+
+    policy: dict
+    policy_version: int
+    amount_due: Decimal
+    stage: Stage
+    stages: list[StageEntry]
+    payments: list[PaymentView]
+    seen_payment_events: dict[str, Decimal]
+    amendments: list[str]
+    runtime: RuntimeCarry
+    ack_tasks: list[str]
+    special_changes: list[list[str]]
+    settlements: list[str]
+    slots: dict[str, list[str]]
+    levels_done: int
+    done_steps: list[str]
+    finishing: tuple[Stage, str] | None = None
+    stopped: bool = False
+    stock_reserved: bool = False
+    outcome_reason: str = ""
+    tracking_no: str | None = None
+    invoice_no: str | None = None
+    runs: int = Field(1, description="runs of this instance so far")
+
+
+SalesOrderInput.model_rebuild()
+
+
 def sales_order_workflow_id(order_no: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{order_no}"
 
 
 def input_fingerprint(inp: SalesOrderInput) -> str:
     """Stable hash of a start request, to tell a client retry from a conflicting reuse."""
-    canonical = json.dumps(inp.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        inp.model_dump(mode="json", exclude={"carry"}), sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -380,31 +492,83 @@ class SalesOrderWorkflow:
         self.stopped = False  # rejected, cancelled or failed: nothing is due any more
         self.hardened = workflow.patched(HARDENING)
         self.rt.board.strict = self.hardened
+        self.slots: dict[str, list[str]] = {}  # where the map opened tasks: reused on resume
+        self.levels_done = 0
+        self.done_steps: list[str] = []
+        self.finishing: tuple[Stage, str] | None = None
+        self.runs = 1
+        if self.hardened:
+            self.rt.continue_as_new = self._continue_as_new
+        if inp.carry is not None:
+            self._restore(inp.carry)
+
+    def _restore(self, c: SalesOrderCarry) -> None:
+        self.policy = SalesOrderPolicy.model_validate(c.policy)
+        self.policy_version = c.policy_version
+        self.rt.board.max_actions = self.policy.max_actions_per_task
+        self.amount_due = c.amount_due
+        self.stage = c.stage
+        self.stages = list(c.stages)
+        self.payments = list(c.payments)
+        self.seen_payment_events = dict(c.seen_payment_events)
+        self.amendments = list(c.amendments)
+        self.rt.restore(c.runtime)
+        tasks = self.rt.board.tasks
+        self.ack_tasks = [tasks[t] for t in c.ack_tasks]
+        self.special_changes = [[tasks[t] for t in ts] for ts in c.special_changes]
+        self.settlements = [tasks[t] for t in c.settlements]
+        self.slots = {k: list(v) for k, v in c.slots.items()}
+        self.levels_done = c.levels_done
+        self.done_steps = list(c.done_steps)
+        self.finishing = c.finishing
+        self.stopped = c.stopped
+        self.stock_reserved = c.stock_reserved
+        self.outcome_reason = c.outcome_reason
+        self.tracking_no = c.tracking_no
+        self.invoice_no = c.invoice_no
+        self.runs = c.runs + 1
+
+    async def _continue_as_new(self) -> None:
+        """Continue in a new run with everything the instance carries (history stays bounded)."""
+        carry = SalesOrderCarry(
+            policy=self.policy.model_dump(mode="json"),
+            policy_version=self.policy_version,
+            amount_due=self.amount_due,
+            stage=self.stage,
+            stages=self.stages,
+            payments=self.payments,
+            seen_payment_events=self.seen_payment_events,
+            amendments=self.amendments,
+            runtime=self.rt.carry(),
+            ack_tasks=[t.task_id for t in self.ack_tasks],
+            special_changes=[[t.task_id for t in ts] for ts in self.special_changes],
+            settlements=[t.task_id for t in self.settlements],
+            slots=self.slots,
+            levels_done=self.levels_done,
+            done_steps=self.done_steps,
+            finishing=self.finishing,
+            stopped=self.stopped,
+            stock_reserved=self.stock_reserved,
+            outcome_reason=self.outcome_reason,
+            tracking_no=self.tracking_no,
+            invoice_no=self.invoice_no,
+            runs=self.runs,
+        )
+        workflow.logger.info("continuing as new (run %s)", self.runs + 1)
+        workflow.continue_as_new(self.inp.model_copy(update={"carry": carry}))
 
     # ================================================================== the process map
     @workflow.run
     async def run(self, inp: SalesOrderInput) -> SalesOrderResult:
-        await self._load_policy()
-        self._apply_discount()
-        await self._record_order()
-        await self._set_stage(Stage.VALIDATED)
-        try:
-            if inp.variant == "prepaid_entry":
-                await self._await_payment(self._installment_amount(0), "advance payment")
-            if self._needs_approval():
-                await self._approval_chain()
-            if inp.variant == "standard":
-                await self._capture_installment(0)
-            await self._await_acknowledgements()
-            await self._reserve_stock()
-            await self._await_acknowledgements()
-            await self._settle_before_shipment()
-            await self._ship()
-            await self._invoice()
-            await self._finish(Stage.CLOSED, "order closed")
-        except Stop as stop:
-            await self._compensate()
-            await self._finish(stop.stage, stop.reason)
+        if inp.carry is None:
+            await self._load_policy()
+            self._apply_discount()
+            await self._record_order()
+            await self._set_stage(Stage.VALIDATED)
+        if self.finishing is not None:  # continued as new while ending
+            await self._finish(*self.finishing)
+        else:
+            await self._process_map(inp)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return SalesOrderResult(
             order_no=inp.order_no,
@@ -417,6 +581,39 @@ class SalesOrderWorkflow:
             tracking_no=self.tracking_no,
             invoice_no=self.invoice_no,
         )
+
+    async def _process_map(self, inp: SalesOrderInput) -> None:
+        step = self._step
+        try:
+            if inp.variant == "prepaid_entry":
+                await step(
+                    "entry-gate",
+                    self._await_payment,
+                    self._installment_amount(0),
+                    "advance payment",
+                )
+            if self._needs_approval():
+                await step("approval", self._approval_chain)
+            if inp.variant == "standard":
+                await step("capture-1", self._capture_installment, 0)
+            await step("acks-1", self._await_acknowledgements)
+            await step("stock", self._reserve_stock)
+            await step("acks-2", self._await_acknowledgements)
+            await step("balance", self._settle_before_shipment)
+            await step("acks-3", self._await_acknowledgements)
+            await step("ship", self._ship)
+            await step("invoice", self._invoice)
+            await self._finish(Stage.CLOSED, "order closed")
+        except Stop as stop:
+            await self._compensate()
+            await self._finish(stop.stage, stop.reason)
+
+    async def _step(self, name: str, fn, *args) -> None:
+        """Run a step of the map once: a run continued as new skips the steps done before."""
+        if name in self.done_steps:
+            return
+        await fn(*args)
+        self.done_steps.append(name)
 
     # ================================================================== steps
     async def _load_policy(self) -> None:
@@ -479,26 +676,21 @@ class SalesOrderWorkflow:
 
     async def _approval_chain(self) -> None:
         await self._set_stage(Stage.APPROVAL)
-        for level in approval_chain(self.policy.approval_tiers, self.amount_due):
-            outcome = await self._approval_level(level)
+        for index, level in enumerate(approval_chain(self.policy.approval_tiers, self.amount_due)):
+            if index < self.levels_done:
+                continue
+            outcome = await self._approval_level(level, f"level:{index}")
             if outcome == TIMED_OUT:
                 raise Stop(Stage.CANCELLED, f"{level.name} was not decided in time")
             if outcome != APPROVED:
                 raise Stop(Stage.REJECTED, f"{level.name}: rejected")
+            self.levels_done = index + 1
 
-    async def _approval_level(self, level: ApprovalLevel) -> str:
-        tasks = [
-            self._open_task(
-                name=level.name if len(level.task_roles()) == 1 else f"{level.name} ({roles[0]})",
-                kind="approval",
-                roles=roles,
-                outcomes=APPROVAL_OUTCOMES,
-                timers=self.policy.approval_timers,
-                required_fields=APPROVAL_REQUIRED_FIELDS,
-            )
-            for roles in level.task_roles()
-        ]
-        await self._notify_candidates(tasks, f"Approval needed: order {self.inp.order_no}")
+    async def _approval_level(self, level: ApprovalLevel, slot: str) -> str:
+        tasks = self._slot(slot)
+        if not tasks:  # a run continued as new finds the level's tasks open already
+            tasks = self._open_level(level, slot)
+            await self._notify_candidates(tasks, f"Approval needed: order {self.inp.order_no}")
         await self._wait(lambda: level_outcome(level, tasks) is not None, f"{level.name}")
         outcome = level_outcome(level, tasks)
         assert outcome is not None
@@ -512,6 +704,25 @@ class SalesOrderWorkflow:
         if not self.rt.local:  # newer instances write it with the next step's projection
             await self.rt.flush()
         return outcome
+
+    def _open_level(self, level: ApprovalLevel, slot: str) -> list[HumanTask]:
+        tasks = [
+            self._open_task(
+                name=level.name if len(level.task_roles()) == 1 else f"{level.name} ({roles[0]})",
+                kind="approval",
+                roles=roles,
+                outcomes=APPROVAL_OUTCOMES,
+                timers=self.policy.approval_timers,
+                required_fields=APPROVAL_REQUIRED_FIELDS,
+            )
+            for roles in level.task_roles()
+        ]
+        self.slots[slot] = [t.task_id for t in tasks]
+        return tasks
+
+    def _slot(self, slot: str) -> list[HumanTask]:
+        """Tasks this step opened in an earlier run (continue-as-new), if any."""
+        return [self.rt.board.tasks[t] for t in self.slots.get(slot, [])]
 
     async def _capture_installment(self, index: int) -> None:
         amount = self._installment_amount(index)
@@ -557,6 +768,12 @@ class SalesOrderWorkflow:
         if paid() >= needed:
             return
         await self._set_stage(Stage.AWAITING_PAYMENT)
+        slot = f"gate:{what}"
+        if self._slot(slot):  # continued as new while waiting
+            [task] = self._slot(slot)
+            await self._wait(lambda: paid() >= needed or not task.is_open, what)
+            await self._payment_gate_passed(task, what)
+            return
         task = self._open_task(
             name=f"await {what}: {needed} {self.inp.currency}",
             kind="payment",
@@ -570,11 +787,15 @@ class SalesOrderWorkflow:
             ),
             four_eyes=False,
         )
+        self.slots[slot] = [task.task_id]
         await self._notify_customer(
             f"Order {self.inp.order_no}: payment of {needed} {self.inp.currency} expected",
             f"Please pay {needed} {self.inp.currency} ({what}) for order {self.inp.order_no}.",
         )
         await self._wait(lambda: paid() >= needed or not task.is_open, what)
+        await self._payment_gate_passed(task, what)
+
+    async def _payment_gate_passed(self, task: HumanTask, what: str) -> None:
         if task.is_open:
             self.rt.board.close(task, "paid", SYSTEM_ACTOR, workflow.now())
             self.rt.task_changed(task)
@@ -609,7 +830,6 @@ class SalesOrderWorkflow:
                 await self._capture_installment(i)
         else:
             await self._await_payment(self.amount_due, "payment before shipment")
-        await self._await_acknowledgements()
 
     async def _ship(self) -> None:
         result = await self._run_business_step(
@@ -769,6 +989,7 @@ class SalesOrderWorkflow:
                 break
 
     async def _finish(self, stage: Stage, reason: str) -> None:
+        self.finishing = (stage, reason)
         await self._await_settlements()
         self.outcome_reason = reason
         await self._set_stage(stage, reason)
