@@ -20,7 +20,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from workflows.runtime import LOCAL_PROJECTION
-from workflows.sales_order import SalesOrderWorkflow
+from workflows.sales_order import HARDENING, SalesOrderWorkflow
 
 HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
 
@@ -36,6 +36,11 @@ def test_histories_are_recorded_for_the_main_paths():
         "cancel",
         "k_of_n",
         "claim_release",
+        "refused_refund",
+        "overpayment",
+        "one_provider_event",
+        "continue_as_new__first_run",
+        "continue_as_new__last_run",
     ):
         assert path in names, f"no recorded history for {path}"
 
@@ -57,6 +62,16 @@ def test_histories_replay_both_sides_of_the_local_projection_patch():
     before = [p for p in HISTORIES if p.stem.endswith("before_local_projection")]
     assert len(patched) >= 8 and len(before) >= 8
     assert not any(LOCAL_PROJECTION in _patches(p) for p in before)
+
+
+def test_histories_replay_both_sides_of_the_hardening_patch():
+    """Instances from before the money/authority hardening and continue-as-new, and after."""
+    patched = [p for p in HISTORIES if HARDENING in _patches(p)]
+    before = [p for p in HISTORIES if p.stem.endswith("before_hardening")]
+    assert len(patched) >= 10 and len(before) >= 10
+    assert not any(HARDENING in _patches(p) for p in before)
+    continued = [p for p in patched if "continue_as_new" in p.stem]
+    assert len(continued) == 2  # a run that continues as new, and one that began from a carry
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
