@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
 from workflows.human_task import TIMED_OUT, HumanTask
-from workflows.policy import ApprovalTier
+
+if TYPE_CHECKING:  # policy.py builds its chains with approval_chain
+    from workflows.policy import ApprovalTier
 
 APPROVED = "approved"
 REJECTED = "rejected"

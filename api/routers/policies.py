@@ -79,10 +79,11 @@ async def policy_versions(
 async def publish_policy(
     process_type: str, body: PublishPolicyBody, admin: Admin, session: SessionDep
 ) -> PublishedPolicy:
-    """Validate and publish the next version; running instances keep the version they loaded."""
+    """Validate a complete document and publish it as the next version; running instances
+    keep the version they loaded."""
     _known(process_type)
     try:
-        model = validate_policy(process_type, body.document)
+        model = validate_policy(process_type, body.document, strict=True)
     except ValidationError as err:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.api.conftest import Api
 from workflows.policy import default_policy_document
 
@@ -53,3 +55,103 @@ async def test_only_admins_publish(api: Api):
     r = await api.post("/policies/sales_order", "mike", json={"document": {}})
     assert r.status_code == 403
     assert r.json()["detail"] == "requires one of the roles: admin"
+
+
+def _fields(r) -> set[str]:
+    assert r.status_code == 422, r.text
+    for e in r.json()["detail"]:
+        assert e["loc"][:2] == ["body", "document"]
+    return {e["field"] for e in r.json()["detail"]}
+
+
+async def test_publishing_an_empty_document_is_422_naming_every_missing_key(api: Api):
+    r = await api.post("/policies/sales_order", "ada", json={"document": {}})
+    expected = {f"document.{key}" for key in default_policy_document("sales_order")}
+    assert _fields(r) == expected
+    assert {e["msg"] for e in r.json()["detail"]} == {"Field required"}
+    current = (await api.get("/policies/sales_order", "alice")).json()
+    assert current["version"] == 1
+
+
+async def test_publishing_a_document_missing_a_nested_key_is_422_naming_it(api: Api):
+    doc = default_policy_document("sales_order")
+    del doc["approval_timers"]["deadline"]
+    r = await api.post("/policies/sales_order", "ada", json={"document": doc})
+    assert _fields(r) == {"document.approval_timers.deadline"}
+
+
+def _broken(**changes) -> dict:
+    doc = default_policy_document("sales_order")
+    for path, value in changes.items():
+        target = doc
+        *parents, last = path.split("__")
+        for key in parents:
+            target = target[int(key)] if key.isdigit() else target[key]
+        target[int(last) if last.isdigit() else last] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    "doc, fields",
+    [
+        (
+            _broken(payment_reminder_after="P20D", payment_deadline="P14D"),
+            {"document.payment_reminder_after"},
+        ),
+        (_broken(approval_timers__deadline="P3000000D"), {"document.approval_timers.deadline"}),
+        (
+            _broken(
+                approval_timers__remind_after="-P3D",
+                approval_timers__escalate_after="-P2D",
+                approval_timers__deadline="-P1D",
+            ),
+            {
+                "document.approval_timers.remind_after",
+                "document.approval_timers.escalate_after",
+                "document.approval_timers.deadline",
+            },
+        ),
+        (_broken(payment_deadline="PT0S"), {"document.payment_deadline"}),
+        (
+            _broken(approval_timers__escalation_role="", approval_tiers__0__roles=["cfo"]),
+            {"document.approval_timers.escalation_role", "document.approval_tiers.0.roles.0"},
+        ),
+        (
+            _broken(special_change_roles=["inspection", "inspection"]),
+            {"document.special_change_roles.1"},
+        ),
+        (_broken(approval_tiers__1__min_amount="500000"), {"document.approval_tiers.1.min_amount"}),
+        (
+            _broken(approval_tiers__0__min_amount="2000000"),
+            {"document.approval_tiers.1.min_amount"},
+        ),
+        (_broken(approval_tiers__0__name="x" * 101), {"document.approval_tiers.0.name"}),
+        (_broken(currencies=["EUR", "XYZ"]), {"document.currencies.1"}),
+    ],
+    ids=[
+        "payment-reminder-after-deadline",
+        "deadline-overflows",
+        "negative-timers",
+        "zero-duration",
+        "unknown-and-empty-roles",
+        "role-twice",
+        "duplicate-threshold",
+        "tiers-out-of-order",
+        "tier-name-too-long",
+        "unknown-currency",
+    ],
+)
+async def test_a_policy_that_would_break_instances_is_422_and_the_current_version_stays(
+    api: Api, doc: dict, fields: set[str]
+):
+    good = default_policy_document("sales_order")
+    good["loyalty_discount_pct"] = "6"
+    r = await api.post("/policies/sales_order", "ada", json={"document": good})
+    assert r.status_code == 201, r.text
+    r = await api.post("/policies/sales_order", "ada", json={"document": doc})
+    assert _fields(r) == fields
+    current = (await api.get("/policies/sales_order", "alice")).json()
+    assert current["version"] == 2
+    assert current["document"] == good
+    versions = (await api.get("/policies/sales_order/versions", "alice")).json()
+    assert [v["version"] for v in versions] == [2, 1]

@@ -1,0 +1,18 @@
+"""The role names the system knows: users hold them, the API requires them, policies name them."""
+
+from __future__ import annotations
+
+KNOWN_ROLES: frozenset[str] = frozenset(
+    {
+        "requester",
+        "sales",
+        "vice-president",
+        "sales-director",
+        "procurement",
+        "production",
+        "inspection",
+        "finance",
+        "manager",
+        "admin",
+    }
+)
