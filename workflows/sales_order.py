@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -420,7 +421,6 @@ from workflows.human_task import (  # noqa: E402
     TIMED_OUT,
     WITHDRAWN,
     HumanTask,
-    TaskTimes,
 )
 from workflows.policy import SalesOrderPolicy, TaskTimers  # noqa: E402
 from workflows.runtime import ProcessRuntime, Stop  # noqa: E402
@@ -448,15 +448,6 @@ def _retry() -> RetryPolicy:
 def _cause(err: ActivityError) -> str:
     cause = err.cause
     return str(cause.message if isinstance(cause, ApplicationError) else cause or err)
-
-
-def _times(t: TaskTimers) -> TaskTimes:
-    return TaskTimes(
-        remind_after=t.remind_after,
-        escalate_after=t.escalate_after,
-        deadline=t.deadline,
-        escalation_role=t.escalation_role,
-    )
 
 
 @workflow.defn
@@ -624,7 +615,19 @@ class SalesOrderWorkflow:
             summary="load the current sales order policy",
         )
         if doc.version > 0:
-            self.policy = SalesOrderPolicy.model_validate(doc.document)
+            try:
+                self.policy = SalesOrderPolicy.model_validate(doc.document)
+            except ValidationError as err:
+                # a version stored before today's checks that breaks them: never a workflow
+                # task failing forever; the built-in defaults instead, and the audit says why
+                self.rt.audit(
+                    SYSTEM_ACTOR,
+                    "policy_invalid",
+                    f"policy version {doc.version} breaks today's checks; built-in defaults "
+                    f"used: {err.error_count()} error(s), first at "
+                    f"{'.'.join(map(str, err.errors()[0]['loc']))}",
+                )
+                doc = doc.model_copy(update={"version": 0})
         self.policy_version = doc.version
         if self.hardened:
             self.rt.board.max_actions = self.policy.max_actions_per_task
@@ -779,12 +782,7 @@ class SalesOrderWorkflow:
             kind="payment",
             roles=["finance"],
             outcomes=[],
-            timers=TaskTimers(
-                remind_after=self.policy.payment_reminder_after,
-                escalate_after=self.policy.payment_deadline,
-                deadline=self.policy.payment_deadline,
-                escalation_role=self.policy.approval_timers.escalation_role,
-            ),
+            timers=self.policy.payment_timers(),
             four_eyes=False,
         )
         self.slots[slot] = [task.task_id]
@@ -1066,7 +1064,7 @@ class SalesOrderWorkflow:
             candidate_roles=roles,
             outcomes=outcomes,
             now=workflow.now(),
-            times=_times(timers),
+            times=timers.task_times(),
             required_fields=required_fields,
             four_eyes=four_eyes,
         )

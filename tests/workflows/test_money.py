@@ -190,3 +190,15 @@ async def test_open_special_changes_are_capped_by_the_policy(harness):
     )
     st = await h.execute_update(SalesOrderWorkflow.settle)
     assert len([t for t in st.pending_tasks if t.kind == "acknowledgement"]) == 9
+
+
+async def test_a_stored_policy_that_breaks_todays_checks_falls_back_to_the_defaults(harness):
+    """A version published before the checks (reminder after the deadline) must not make every
+    new order's workflow task fail forever."""
+    document = SalesOrderPolicy().model_dump(mode="json")
+    document["payment_reminder_after"] = "P20D"
+    harness.fakes.policy = PolicyDocument(process_type="sales_order", version=5, document=document)
+    h = await harness.start(order(100, variant="prepaid_entry"))
+    st = await h.execute_update(SalesOrderWorkflow.settle)
+    assert st.stage == Stage.AWAITING_PAYMENT and st.policy_version == 0
+    assert "policy_invalid" in harness.fakes.audit_actions()
