@@ -13,8 +13,10 @@ from temporalio.client import Client
 from api import errors
 from api.deps import TemporalConnection
 from api.errors import TemporalUnavailable, responses
+from api.jsonbody import JsonNumberGuard
 from api.limits import BodySizeLimit, ConcurrencyLimit, RateLimiter
-from api.routers import auth, health, orders, policies, tasks
+from api.routers import auth, health, orders, outbox, policies, tasks
+from api.security import HashSlots
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings
 
@@ -73,12 +75,15 @@ def create_app(
     app.state.settings = settings
     app.state.user_rate = RateLimiter(settings.api_rate_limit_per_minute)
     app.state.signin_rate = RateLimiter(settings.api_auth_rate_limit_per_minute)
+    app.state.signin_account_rate = RateLimiter(settings.api_auth_account_rate_limit_per_minute)
+    app.state.hash_slots = HashSlots(settings.auth_max_concurrent_hashes, settings.auth_hash_wait_s)
     app.state.temporal_slots = ConcurrencyLimit(
         settings.temporal_max_concurrency, settings.temporal_rpc_timeout_s
     )
+    app.add_middleware(JsonNumberGuard)  # inside BodySizeLimit (added later: outermost)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     errors.install(app)
-    for module in (auth, orders, tasks, policies):
+    for module in (auth, orders, tasks, policies, outbox):
         app.include_router(module.router, responses=responses(400, 413, 429))
     app.include_router(health.router, responses=responses(413))
     return app

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from temporalio.client import (
     RPCError,
@@ -41,6 +42,11 @@ log = logging.getLogger("procflow.api")
 
 RETRY_AFTER_S = "5"
 PROCESS_ENDED = "the process has already ended"
+# answers that stand for a backend's message (logged, never echoed: it may name tables, SQL,
+# hosts or internals)
+PROCESS_REFUSED = "the process could not carry out the request"
+STATE_CONFLICT = "conflicts with the current state of the process"
+QUERY_FAILED = "the process could not report its status"
 
 # ApplicationError.type raised by workflow validators/handlers -> HTTP status
 APPLICATION_ERROR_STATUS: dict[str, int] = {
@@ -101,6 +107,18 @@ def field_error(field: str, msg: str, type_: str = "value_error") -> HTTPExcepti
     )
 
 
+def body_errors(err: ValidationError) -> HTTPException:
+    """A 422 in FastAPI's list format for a body model validated in a handler (loc from "body";
+    the input is not echoed)."""
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        [
+            {"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"]}
+            for e in err.errors(include_url=False)
+        ],
+    )
+
+
 def _unavailable(detail: str) -> JSONResponse:
     return JSONResponse(
         {"detail": detail},
@@ -147,6 +165,10 @@ _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.S)
 
 def _application_error(err: ApplicationError) -> JSONResponse:
     code = APPLICATION_ERROR_STATUS.get(err.type or "", status.HTTP_409_CONFLICT)
+    if not err.non_retryable and err.type not in APPLICATION_ERROR_STATUS:
+        # not a business refusal but an exception the SDK wrapped (its text is internal)
+        log.error("unexpected process error %s: %s", err.type, err.message)
+        return JSONResponse({"detail": PROCESS_REFUSED}, status_code=code)
     if code == status.HTTP_422_UNPROCESSABLE_CONTENT:
         m = _FIELD_PREFIX.match(err.message)
         loc = ["body", *m.group(1).split(".")] if m else ["body"]
@@ -176,7 +198,8 @@ def _failure(err: BaseException) -> JSONResponse:
     cause = _root_cause(err)
     if isinstance(cause, ApplicationError):
         return _application_error(cause)
-    return JSONResponse({"detail": str(cause)}, status_code=status.HTTP_409_CONFLICT)
+    log.error("process failure %s: %s", type(cause).__name__, cause)
+    return JSONResponse({"detail": PROCESS_REFUSED}, status_code=status.HTTP_409_CONFLICT)
 
 
 def _rpc_error(err: RPCError) -> JSONResponse:
@@ -192,12 +215,14 @@ def _rpc_error(err: RPCError) -> JSONResponse:
         RPCStatusCode.RESOURCE_EXHAUSTED,
         RPCStatusCode.CANCELLED,
     ):
-        return _unavailable(f"Temporal did not answer: {err.message}")
+        log.warning("Temporal did not answer (%s): %s", err.status, err.message)
+        return _unavailable("Temporal did not answer")
     if err.status in (RPCStatusCode.ALREADY_EXISTS, RPCStatusCode.FAILED_PRECONDITION):
-        return JSONResponse({"detail": err.message}, status_code=status.HTTP_409_CONFLICT)
+        log.info("Temporal refused (%s): %s", err.status, err.message)
+        return JSONResponse({"detail": STATE_CONFLICT}, status_code=status.HTTP_409_CONFLICT)
     log.error("unexpected Temporal error %s: %s", err.status, err.message)
     return JSONResponse(
-        {"detail": f"Temporal error: {err.message}"}, status_code=status.HTTP_502_BAD_GATEWAY
+        {"detail": "unexpected answer from Temporal"}, status_code=status.HTTP_502_BAD_GATEWAY
     )
 
 
@@ -214,7 +239,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(WorkflowQueryFailedError)
     async def _query_failed(_: Request, err: WorkflowQueryFailedError) -> JSONResponse:
-        return JSONResponse({"detail": err.message}, status_code=status.HTTP_409_CONFLICT)
+        log.error("status query failed: %s", err.message)
+        return JSONResponse({"detail": QUERY_FAILED}, status_code=status.HTTP_409_CONFLICT)
 
     @app.exception_handler(WorkflowQueryRejectedError)
     async def _query_rejected(_: Request, err: WorkflowQueryRejectedError) -> JSONResponse:
@@ -236,7 +262,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(TemporalUnavailable)
     async def _no_temporal(_: Request, err: TemporalUnavailable) -> JSONResponse:
-        return _unavailable(f"Temporal is unreachable: {err}")
+        return _unavailable("Temporal is unreachable")
 
     @app.exception_handler(TemporalBusy)
     async def _busy(_: Request, err: TemporalBusy) -> JSONResponse:
@@ -255,7 +281,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ConnectionError)
     async def _conn(_: Request, err: ConnectionError) -> JSONResponse:
-        return _unavailable(f"a backend is unreachable: {err}")
+        log.warning("connection error: %s", err)
+        return _unavailable("a backend is unreachable")
 
     @app.exception_handler(TimeoutError)
     async def _timeout(_: Request, err: TimeoutError) -> JSONResponse:

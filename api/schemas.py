@@ -6,17 +6,41 @@ an `actor`, `requester` or `status` field in a body is a 422.
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from workflows.human_task import Actor
 
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+# ------------------------------------------------------------------------------ query strings
+# the largest offset of a list page (deeper pages are 422, not an overflowing query)
+MAX_OFFSET = 1_000_000
+
+
+def _printable(value: str) -> str:
+    """Refuse control and format characters (NUL, newlines, bidi marks): no stored value holds
+    one, and some backends refuse them with an error of their own."""
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cf"):
+            raise PydanticCustomError(
+                "string_control_character",
+                "control characters are not allowed (U+{code})",
+                {"code": f"{ord(ch):04X}"},
+            )
+    return value
+
+
+QueryText = Annotated[str, AfterValidator(_printable)]
+"""A string query parameter; give its bounds with Query(max_length=...)."""
 
 
 # ------------------------------------------------------------------------------ errors
@@ -61,11 +85,21 @@ class CancelBody(Body):
 
 class PaymentBody(Body):
     event_id: str = Field(min_length=1, max_length=200, description="provider's event id")
-    amount: Decimal = Field(gt=0, max_digits=16, decimal_places=2)
+    amount: Decimal = Field(gt=0, lt=Decimal("1e14"), max_digits=16, decimal_places=2)
 
 
 class Accepted(BaseModel):
     accepted: bool = True
+
+
+class PaymentReceipt(Accepted):
+    """What a reported payment did to the order; figures as the ledger holds them now."""
+
+    event_id: str
+    duplicate: bool = Field(False, description="the event was recorded before: nothing changed")
+    paid: Decimal
+    refunded: Decimal
+    balance: Decimal = Field(description="still owed (> 0) or owed back to the customer (< 0)")
 
 
 class OrderSummary(BaseModel):

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DATA_DIR = Path(".data")
+DEV_JWT_SECRET = "change-me-in-production-procflow-dev-secret"
+MIN_PRODUCTION_SECRET_BYTES = 32
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PROCFLOW_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a startup error must not print the secrets or the database URL
+    model_config = SettingsConfigDict(
+        env_prefix="PROCFLOW_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    environment: Literal["embedded", "production"] = Field(
+        "embedded",
+        description="embedded: the dev stack of `make run`; production: refuses to start with "
+        "the default JWT secret or one shorter than 32 bytes",
+    )
 
     # Temporal
     temporal_address: str = Field(
@@ -50,6 +63,19 @@ class Settings(BaseSettings):
     mail_max_backoff_s: float = Field(
         600.0, gt=0, description="longest wait before retrying a mail the SMTP server refused"
     )
+    mail_max_attempts: int = Field(
+        5,
+        ge=1,
+        description="attempts in all after which a mail whose last refusal was permanent (5xx, "
+        "every recipient refused, an address the server cannot take) gives up: outbox status "
+        "failed, an audit entry mail_failed, listed by GET /outbox?status=failed",
+    )
+    mail_max_transient_attempts: int = Field(
+        50,
+        ge=1,
+        description="the same for transient failures (4xx, the SMTP server away); never fewer "
+        "than mail_max_attempts. 50 with the default backoff: about 7 hours of retrying",
+    )
 
     # Worker
     worker_max_cached_workflows: int = Field(
@@ -58,15 +84,33 @@ class Settings(BaseSettings):
         description="instances a worker keeps in memory (about 0.15 MB each); the least recent "
         "beyond it are evicted and replayed from history on their next step",
     )
+    reconcile_poll_s: float = Field(
+        30.0,
+        gt=0,
+        description="the worker's read-model reconciler asks Temporal visibility this often for "
+        "instances that ended abnormally (terminated, timed out, failed, canceled) and closes "
+        "their open tasks and orders in the read model",
+    )
+    reconcile_lookback_s: float = Field(
+        86400.0,
+        gt=0,
+        description="how far back a starting worker's reconciler looks for abnormal ends (what "
+        "ended while no worker ran longer ago is not caught up)",
+    )
 
     # Credentials
     jwt_secret: str = Field(
-        "change-me-in-production-procflow-dev-secret",
+        DEV_JWT_SECRET,
         min_length=16,
-        description="HMAC key that signs access tokens",
+        description="HMAC key that signs access tokens (in production: set, >= 32 bytes)",
     )
     jwt_algorithm: str = "HS256"
-    jwt_ttl_minutes: int = 60
+    jwt_ttl_minutes: int = Field(
+        60,
+        ge=1,
+        le=1440,
+        description="lifetime of an access token; tokens whose exp - iat is longer are refused",
+    )
 
     # Embedded payment sandbox: customers whose charges are declined (for demos and tests)
     sandbox_decline_customers: list[str] = Field(default_factory=lambda: ["CUST-DECLINE"])
@@ -102,6 +146,53 @@ class Settings(BaseSettings):
         description="sign-in attempts (POST /auth/token) per client IP and minute, per API "
         "replica (more: 429 with Retry-After)",
     )
+    api_auth_account_rate_limit_per_minute: int = Field(
+        10,
+        ge=1,
+        description="sign-in attempts per username and minute, from any address, per API "
+        "replica (more: 429 with Retry-After)",
+    )
+    auth_max_concurrent_hashes: int = Field(
+        4,
+        ge=1,
+        description="password verifications (argon2, in worker threads) at once per API process",
+    )
+    auth_hash_wait_s: float = Field(
+        2.0,
+        gt=0,
+        description="how long a sign-in waits for a free verification slot (then 503 with "
+        "Retry-After)",
+    )
+    trusted_proxies: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="addresses or CIDRs of the reverse proxies whose X-Forwarded-For is believed "
+        "(comma-separated or a JSON list); empty: the socket peer is the client",
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_a_secret(self) -> Settings:
+        if self.environment == "production":
+            if self.jwt_secret == DEV_JWT_SECRET:
+                raise ValueError(
+                    "PROCFLOW_JWT_SECRET is the built-in development secret; in production set "
+                    "it to a random string of at least 32 bytes (e.g. openssl rand -hex 32)"
+                )
+            if len(self.jwt_secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
+                raise ValueError(
+                    f"PROCFLOW_JWT_SECRET is {len(self.jwt_secret.encode())} bytes; in production "
+                    f"it must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes"
+                )
+        return self
 
 
 @lru_cache

@@ -22,6 +22,8 @@ STAGE = SearchAttributeKey.for_keyword("Stage")
 CUSTOMER_ID = SearchAttributeKey.for_keyword("CustomerId")
 AMOUNT = SearchAttributeKey.for_float("Amount")
 PENDING_ROLES = SearchAttributeKey.for_keyword_list("PendingRoles")
+# set once, at start: who submitted the instance (requesters' searches are limited to theirs)
+REQUESTER = SearchAttributeKey.for_keyword("Requester")
 
 SEARCH_ATTRIBUTES: dict[str, str] = {
     "ProcessType": "Keyword",
@@ -29,6 +31,7 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
     "CustomerId": "Keyword",
     "Amount": "Double",
     "PendingRoles": "KeywordList",
+    "Requester": "Keyword",
 }
 
 

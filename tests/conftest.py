@@ -15,7 +15,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from core.db import make_engine, make_session_factory
-from core.temporal import AMOUNT, CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, STAGE
+from core.temporal import AMOUNT, CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, REQUESTER, STAGE
 from scripts.mailsink import MailSink
 from scripts.migrate import upgrade
 from tests.support import (
@@ -32,7 +32,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     """The real Temporal dev server with this project's search attributes."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=binary("temporal"),
-        search_attributes=[PROCESS_TYPE, STAGE, CUSTOMER_ID, AMOUNT, PENDING_ROLES],
+        search_attributes=[PROCESS_TYPE, STAGE, CUSTOMER_ID, AMOUNT, PENDING_ROLES, REQUESTER],
         data_converter=pydantic_data_converter,
         ui=False,
     )

@@ -253,9 +253,11 @@ class ProcessRuntime:
                 # let running handlers finish first; anything they change is acted on (and
                 # written) before the instance continues in a new run
                 seen = self._events
-                await workflow.wait_condition(
-                    lambda seen=seen: workflow.all_handlers_finished() or self._events != seen
-                )
+
+                def drained(seen: int = seen) -> bool:
+                    return workflow.all_handlers_finished() or self._events != seen
+
+                await workflow.wait_condition(drained)
                 if self._events == seen and not interrupted():
                     await self.continue_as_new()
                 continue

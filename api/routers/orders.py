@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
+import pycountry
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from pydantic import ValidationError
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowHandle,
+    WorkflowUpdateFailedError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -20,11 +26,19 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep, require_roles
-from api.errors import is_process_ended, not_found_as, responses
+from api.errors import (
+    application_error_of,
+    body_errors,
+    is_not_found,
+    is_process_ended,
+    not_found_as,
+    responses,
+)
 from api.schemas import (
-    Accepted,
+    MAX_OFFSET,
     AmendBody,
     CancelBody,
     OrderPage,
@@ -32,13 +46,19 @@ from api.schemas import (
     OrderSearchPage,
     OrderSummary,
     PaymentBody,
+    PaymentReceipt,
     Principal,
+    QueryText,
 )
-from core.db import Order
+from core.db import Order, PolicyVersion, StockItem
 from core.settings import Settings
-from core.temporal import AMOUNT, CUSTOMER_ID, PROCESS_TYPE, STAGE
+from core.temporal import AMOUNT, CUSTOMER_ID, PROCESS_TYPE, REQUESTER, STAGE
+from workflows.policy import SalesOrderPolicy
 from workflows.sales_order import (
+    DUPLICATE_EVENT,
+    LEGACY_WORKFLOW_ID_PREFIX,
     MEMO_FINGERPRINT,
+    TERMINAL_STAGES,
     WORKFLOW_ID_PREFIX,
     AmendInput,
     CancelInput,
@@ -52,6 +72,7 @@ from workflows.sales_order import (
     amount_of,
     input_fingerprint,
     sales_order_workflow_id,
+    submission,
 )
 from workflows.sales_order import PROCESS_TYPE as SALES_ORDER
 
@@ -66,6 +87,13 @@ OrderHandle = WorkflowHandle[SalesOrderWorkflow, SalesOrderResult]
 OrderNo = Annotated[str, Path(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 # amounts as an order can carry them (16 digits); larger filters are 422, not a broken query
 MAX_AMOUNT = Decimal("1e16")
+# visibility is paged through from its start: deeper search pages are 422
+MAX_SEARCH_OFFSET = 10_000
+# the same answer whoever holds the number (another requester's order is not revealed)
+ORDER_NO_TAKEN = "order_no already used with a different order"
+# between two status queries of a resubmitted order that is still acting on something
+SETTLE_POLL_MIN_S = 0.02
+SETTLE_POLL_MAX_S = 0.25
 
 
 def _rpc_timeout(settings: Settings) -> timedelta:
@@ -76,8 +104,29 @@ def _update_timeout(settings: Settings) -> timedelta:
     return timedelta(seconds=settings.update_wait_s)
 
 
-def _handle(client: Client, order_no: str) -> OrderHandle:
-    return client.get_workflow_handle_for(SalesOrderWorkflow.run, sales_order_workflow_id(order_no))
+def _handle(client: Client, workflow_id: str) -> OrderHandle:
+    return client.get_workflow_handle_for(SalesOrderWorkflow.run, workflow_id)
+
+
+def order_no_of(workflow_id: str) -> str:
+    """The order number in an instance id, current ('sales_order-1001') or legacy."""
+    for prefix in (WORKFLOW_ID_PREFIX, LEGACY_WORKFLOW_ID_PREFIX):
+        if workflow_id.startswith(prefix):
+            return workflow_id.removeprefix(prefix)
+    return workflow_id
+
+
+async def _recorded_workflow_id(session: AsyncSession, order_no: str) -> str | None:
+    """The id the read model holds for the order (instances started before the rename keep
+    'sales-order-<no>'); None before its first projection."""
+    return await session.scalar(select(Order.workflow_id).where(Order.order_no == order_no))
+
+
+async def _workflow_id(session: AsyncSession, order_no: str) -> str:
+    """The order's instance id; the session's connection is given back before Temporal waits."""
+    recorded = await _recorded_workflow_id(session, order_no)
+    await session.close()
+    return recorded or sales_order_workflow_id(order_no)
 
 
 def _unknown(order_no: str) -> str:
@@ -91,18 +140,110 @@ def summary_line(inp: SalesOrderInput) -> str:
     return f"Sales order {inp.order_no} - {customer} - {amount:,.2f} {inp.currency}"
 
 
-async def _current_status(
-    handle: OrderHandle, settings: Settings, running: bool
-) -> SalesOrderStatus:
-    """The status once settled (running instance) or as the ended instance left it."""
-    if running:
-        try:
-            return await handle.execute_update(
-                SalesOrderWorkflow.settle, rpc_timeout=_update_timeout(settings)
+# ------------------------------------------------------------------------------ submission
+async def current_policy(session: AsyncSession) -> SalesOrderPolicy:
+    """The policy new instances load at start: the newest published version, else defaults."""
+    document = await session.scalar(
+        select(PolicyVersion.document)
+        .where(PolicyVersion.process_type == SALES_ORDER)
+        .order_by(PolicyVersion.version.desc())
+        .limit(1)
+    )
+    return SalesOrderPolicy() if document is None else SalesOrderPolicy.model_validate(document)
+
+
+async def _check_submission(session: AsyncSession, inp: SalesOrderInput) -> None:
+    """What the instance would refuse later, refused now: 422 naming each field."""
+    errors: list[dict[str, Any]] = []
+    if pycountry.currencies.get(alpha_3=inp.currency) is None:
+        errors.append(
+            {
+                "type": "currency_unknown",
+                "loc": ["body", "currency"],
+                "msg": f"{inp.currency} is not an ISO 4217 currency code",
+            }
+        )
+    else:
+        accepted = (await current_policy(session)).currencies
+        if inp.currency not in accepted:
+            errors.append(
+                {
+                    "type": "currency_not_accepted",
+                    "loc": ["body", "currency"],
+                    "msg": f"orders are accepted in {', '.join(accepted)}, not {inp.currency}",
+                }
             )
-        except Exception as err:
-            if not is_process_ended(err):
+    skus = [line.sku for line in inp.lines]
+    known = set(await session.scalars(select(StockItem.sku).where(StockItem.sku.in_(skus))))
+    errors.extend(
+        {
+            "type": "sku_unknown",
+            "loc": ["body", "lines", i, "sku"],
+            "msg": f"no catalog item {sku}",
+        }
+        for i, sku in enumerate(skus)
+        if sku not in known
+    )
+    if errors:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
+
+
+def _ready(result: SalesOrderStatus) -> bool:
+    """The instance acted on everything it received and waits (or has ended); an instance that
+    has not reached its first wait yet reports settled too, but no waiting_for."""
+    return result.settled and (bool(result.waiting_for) or result.stage in TERMINAL_STAGES)
+
+
+async def _settled_status(handle: OrderHandle, settings: Settings) -> SalesOrderStatus:
+    """The status of a running instance once it is settled, by queries only (nothing enters its
+    history); after settings.update_wait_s the last status, with settled false."""
+    deadline = time.monotonic() + settings.update_wait_s
+    pause = SETTLE_POLL_MIN_S
+    while True:
+        remaining = deadline - time.monotonic()
+        wait = timedelta(seconds=max(0.5, min(settings.temporal_rpc_timeout_s, remaining)))
+        try:
+            result = await handle.query(SalesOrderWorkflow.status, rpc_timeout=wait)
+        except RPCError as err:
+            # the instance has not completed its first workflow task yet (WorkflowNotReady)
+            if err.status != RPCStatusCode.FAILED_PRECONDITION or remaining <= 0:
                 raise
+        else:
+            if _ready(result) or remaining <= 0:
+                return result
+        await asyncio.sleep(min(pause, max(remaining, 0.0)))
+        pause = min(pause * 2, SETTLE_POLL_MAX_S)
+
+
+async def _resubmitted(
+    handle: OrderHandle, fingerprint: str, settings: Settings, response: Response
+) -> SalesOrderStatus:
+    """A start for an order number that has an instance: the same request again answers 200
+    with its status (writing nothing to its history); anything else, whoever submitted the
+    first, is 409 with the same text."""
+    try:
+        desc = await handle.describe(rpc_timeout=_rpc_timeout(settings))
+    except RPCError as err:
+        if is_not_found(err):  # recorded, but no longer kept by Temporal: the number is taken
+            raise HTTPException(status.HTTP_409_CONFLICT, ORDER_NO_TAKEN) from None
+        raise
+    if await desc.memo_value(MEMO_FINGERPRINT, None) != fingerprint:
+        raise HTTPException(status.HTTP_409_CONFLICT, ORDER_NO_TAKEN)
+    response.status_code = status.HTTP_200_OK
+    if desc.status == WorkflowExecutionStatus.RUNNING:
+        return await _settled_status(handle, settings)
+    return await handle.query(SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings))
+
+
+async def _started_status(handle: OrderHandle, settings: Settings) -> SalesOrderStatus:
+    """The status of the instance this request started, once its first tasks are open."""
+    try:
+        return await handle.execute_update(
+            SalesOrderWorkflow.settle, rpc_timeout=_update_timeout(settings)
+        )
+    except Exception as err:
+        if not is_process_ended(err):
+            raise
     return await handle.query(SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings))
 
 
@@ -119,12 +260,23 @@ async def submit_order(
     details: OrderDetails,
     user: Submitter,
     client: TemporalDep,
+    session: SessionDep,
     settings: SettingsDep,
     response: Response,
 ) -> SalesOrderStatus:
     """Start the order's process; returns its status once its first tasks are in the inboxes."""
-    inp = SalesOrderInput.model_validate({**details.model_dump(), "requester": user.username})
+    try:
+        inp = submission(details, user.username)
+    except ValidationError as err:  # the checks that run for new submissions only
+        raise body_errors(err) from None
     fingerprint = input_fingerprint(inp)
+    # an order number the read model knows has an instance (perhaps under a legacy id)
+    recorded = await _recorded_workflow_id(session, inp.order_no)
+    if recorded is None:
+        await _check_submission(session, inp)
+    await session.close()  # no database connection held while waiting on Temporal
+    if recorded is not None:
+        return await _resubmitted(_handle(client, recorded), fingerprint, settings, response)
     wid = sales_order_workflow_id(inp.order_no)
     try:
         handle = await client.start_workflow(
@@ -141,25 +293,18 @@ async def submit_order(
                     SearchAttributePair(STAGE, Stage.RECEIVED.value),
                     SearchAttributePair(CUSTOMER_ID, inp.customer.id),
                     SearchAttributePair(AMOUNT, float(amount_of(inp.lines))),
+                    SearchAttributePair(REQUESTER, inp.requester),
                 ]
             ),
             static_summary=summary_line(inp),
             rpc_timeout=_rpc_timeout(settings),
         )
     except WorkflowAlreadyStartedError:
-        handle = _handle(client, inp.order_no)
-        desc = await handle.describe(rpc_timeout=_rpc_timeout(settings))
-        if await desc.memo_value(MEMO_FINGERPRINT, None) != fingerprint:
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, "order_no already used with a different order"
-            ) from None
-        response.status_code = status.HTTP_200_OK
-        return await _current_status(
-            handle, settings, desc.status == WorkflowExecutionStatus.RUNNING
-        )
-    return await _current_status(handle, settings, running=True)
+        return await _resubmitted(_handle(client, wid), fingerprint, settings, response)
+    return await _started_status(handle, settings)
 
 
+# ------------------------------------------------------------------------------ lists
 def _visible(query, user: Principal):
     return query.where(Order.requester == user.username) if user.requester_only else query
 
@@ -169,7 +314,7 @@ async def list_orders(
     user: CurrentUser,
     session: SessionDep,
     stage: Stage | None = None,
-    customer_id: str | None = None,
+    customer_id: Annotated[QueryText | None, Query(max_length=64)] = None,
     min_amount: Annotated[
         Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="amount_due >=")
     ] = None,
@@ -177,7 +322,7 @@ async def list_orders(
         Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="amount_due <=")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> OrderPage:
     """Orders from the read model, newest first; requesters see only their own."""
     query = _visible(select(Order), user)
@@ -211,8 +356,11 @@ def visibility_query(
     customer_id: str | None,
     min_amount: Decimal | None,
     max_amount: Decimal | None,
+    requester: str | None = None,
 ) -> str:
     clauses = [f"ProcessType = {quote(SALES_ORDER)}"]
+    if requester is not None:
+        clauses.append(f"Requester = {quote(requester)}")
     if stage is not None:
         clauses.append(f"Stage = {quote(stage.value)}")
     if customer_id is not None:
@@ -229,9 +377,8 @@ async def search_orders(
     user: CurrentUser,
     client: TemporalDep,
     settings: SettingsDep,
-    session: SessionDep,
     stage: Stage | None = None,
-    customer_id: Annotated[str | None, Query(max_length=64)] = None,
+    customer_id: Annotated[QueryText | None, Query(max_length=64)] = None,
     min_amount: Annotated[
         Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="Amount >=")
     ] = None,
@@ -239,10 +386,12 @@ async def search_orders(
         Decimal | None, Query(ge=0, le=MAX_AMOUNT, description="Amount <=")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_SEARCH_OFFSET)] = 0,
 ) -> OrderSearchPage:
-    """Orders through Temporal visibility (eventually consistent: a new stage shows up late)."""
-    query = visibility_query(stage, customer_id, min_amount, max_amount)
+    """Orders through Temporal visibility (eventually consistent: a new stage shows up late);
+    requesters see only their own."""
+    requester = user.username if user.requester_only else None
+    query = visibility_query(stage, customer_id, min_amount, max_amount, requester)
     hits: list[OrderSearchHit] = []
     seen = 0
     async for wf in client.list_workflows(
@@ -255,7 +404,7 @@ async def search_orders(
         hits.append(
             OrderSearchHit(
                 workflow_id=wf.id,
-                order_no=wf.id.removeprefix(WORKFLOW_ID_PREFIX),
+                order_no=order_no_of(wf.id),
                 stage=sa.get(STAGE),
                 customer_id=sa.get(CUSTOMER_ID),
                 amount=sa.get(AMOUNT),
@@ -264,25 +413,16 @@ async def search_orders(
         )
         if len(hits) >= limit:
             break
-    if user.requester_only and hits:
-        own = set(
-            await session.scalars(
-                select(Order.order_no).where(
-                    Order.requester == user.username,
-                    Order.order_no.in_([h.order_no for h in hits]),
-                )
-            )
-        )
-        hits = [h for h in hits if h.order_no in own]
     return OrderSearchPage(items=hits, query=query, limit=limit, offset=offset)
 
 
+# ------------------------------------------------------------------------------ one order
 async def _visible_status(
-    client: Client, order_no: str, user: Principal, settings: Settings
+    client: Client, workflow_id: str, order_no: str, user: Principal, settings: Settings
 ) -> SalesOrderStatus:
     """The order's status; 404 for a requester who did not submit it (its existence is hidden)."""
     with not_found_as(_unknown(order_no)):
-        result = await _handle(client, order_no).query(
+        result = await _handle(client, workflow_id).query(
             SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings)
         )
     if user.requester_only and result.requester != user.username:
@@ -294,10 +434,15 @@ async def _visible_status(
     "/{order_no}", response_model=SalesOrderStatus, responses=responses(401, 404, 409, 422, 503)
 )
 async def order_status(
-    order_no: OrderNo, user: CurrentUser, client: TemporalDep, settings: SettingsDep
+    order_no: OrderNo,
+    user: CurrentUser,
+    client: TemporalDep,
+    session: SessionDep,
+    settings: SettingsDep,
 ) -> SalesOrderStatus:
     """The live status of an order: stage, pending tasks, decisions, payments, policy version."""
-    return await _visible_status(client, order_no, user, settings)
+    wid = await _workflow_id(session, order_no)
+    return await _visible_status(client, wid, order_no, user, settings)
 
 
 @router.post(
@@ -310,11 +455,13 @@ async def amend_order(
     body: AmendBody,
     user: CurrentUser,
     client: TemporalDep,
+    session: SessionDep,
     settings: SettingsDep,
 ) -> SalesOrderStatus:
     """Record a special change; procurement, production and inspection must acknowledge it."""
     arg = AmendInput(description=body.description, actor=user.actor)
-    return await _order_update(client, order_no, user, settings, SalesOrderWorkflow.amend, arg)
+    wid = await _workflow_id(session, order_no)
+    return await _order_update(client, wid, order_no, user, settings, SalesOrderWorkflow.amend, arg)
 
 
 @router.post(
@@ -327,15 +474,20 @@ async def cancel_order(
     body: CancelBody,
     user: CurrentUser,
     client: TemporalDep,
+    session: SessionDep,
     settings: SettingsDep,
 ) -> SalesOrderStatus:
     """Cancel the order (requester or manager); what was already done is compensated."""
     arg = CancelInput(reason=body.reason, actor=user.actor)
-    return await _order_update(client, order_no, user, settings, SalesOrderWorkflow.cancel, arg)
+    wid = await _workflow_id(session, order_no)
+    return await _order_update(
+        client, wid, order_no, user, settings, SalesOrderWorkflow.cancel, arg
+    )
 
 
 async def _order_update(
     client: Client,
+    workflow_id: str,
     order_no: str,
     user: Principal,
     settings: Settings,
@@ -344,27 +496,47 @@ async def _order_update(
 ) -> SalesOrderStatus:
     """Run an update on an order the caller may see (another requester's order is a 404)."""
     if user.requester_only:
-        await _visible_status(client, order_no, user, settings)
+        await _visible_status(client, workflow_id, order_no, user, settings)
     with not_found_as(_unknown(order_no)):
-        return await _handle(client, order_no).execute_update(
+        return await _handle(client, workflow_id).execute_update(
             update, arg, rpc_timeout=_update_timeout(settings)
         )
 
 
 @router.post(
     "/{order_no}/payments",
-    response_model=Accepted,
+    response_model=PaymentReceipt,
     status_code=status.HTTP_202_ACCEPTED,
     responses=responses(401, 403, 404, 409, 422, 503),
 )
 async def report_payment(
-    order_no: OrderNo, body: PaymentBody, user: Finance, client: TemporalDep, settings: SettingsDep
-) -> Accepted:
-    """Report an incoming payment to the order (finance); a repeated event_id changes nothing."""
-    with not_found_as(_unknown(order_no)):
-        await _handle(client, order_no).signal(
-            SalesOrderWorkflow.payment_received,
-            PaymentEvent(event_id=body.event_id, amount=body.amount),
-            rpc_timeout=_rpc_timeout(settings),
+    order_no: OrderNo,
+    body: PaymentBody,
+    user: Finance,
+    client: TemporalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> PaymentReceipt:
+    """Report an incoming payment (finance): booked once in the ledger; the same event again
+    changes nothing (202, duplicate), for another order or amount it is 409 and counts nowhere."""
+    wid = await _workflow_id(session, order_no)
+    event = PaymentEvent(event_id=body.event_id, amount=body.amount)
+    handle = _handle(client, wid)
+    try:
+        with not_found_as(_unknown(order_no)):
+            outcome = await handle.execute_update(
+                SalesOrderWorkflow.pay, event, rpc_timeout=_update_timeout(settings)
+            )
+    except WorkflowUpdateFailedError as err:
+        refusal = application_error_of(err)
+        if refusal is None or refusal.type != DUPLICATE_EVENT:
+            raise
+        st = await handle.query(SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings))
+        return PaymentReceipt(
+            event_id=event.event_id,
+            duplicate=True,
+            paid=st.paid,
+            refunded=st.refunded,
+            balance=st.balance,
         )
-    return Accepted()
+    return PaymentReceipt(**outcome.model_dump())

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from api.deps import SessionDep, require_roles
 from api.errors import responses
-from api.schemas import Principal
+from api.schemas import MAX_OFFSET, Principal, QueryText
 from core.db import OutboxMessage
 
 router = APIRouter(prefix="/outbox", tags=["outbox"])
@@ -62,9 +62,9 @@ async def list_outbox(
     status: Annotated[
         OutboxStatus | None, Query(description="only rows of this status, e.g. failed")
     ] = None,
-    workflow_id: Annotated[str | None, Query(max_length=200)] = None,
+    workflow_id: Annotated[QueryText | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> OutboxPage:
     """Outbox rows, newest first (admin only); `status=failed` lists the mails given up on."""
     query = select(OutboxMessage)

@@ -7,8 +7,22 @@ import time
 import uuid
 
 import pytest
+from temporalio.client import Client
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError, RPCStatusCode
 
+from core.db import Order
+from core.settings import Settings
+from core.temporal import CUSTOMER_ID, PROCESS_TYPE
 from tests.api.conftest import Api, order_body
+from workflows.sales_order import (
+    LEGACY_WORKFLOW_ID_PREFIX,
+    MEMO_FINGERPRINT,
+    SalesOrderInput,
+    SalesOrderWorkflow,
+    input_fingerprint,
+    sales_order_workflow_id,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -223,7 +237,7 @@ async def test_cancel_and_payment_signal(live_api: Api):
         json={"event_id": f"ev-{order_no}", "amount": "10.00"},
     )
     assert r.status_code == 202, r.text
-    assert r.json() == {"accepted": True}
+    assert r.json()["accepted"] is True and r.json()["paid"] == "10.00"
     r = await api.post(f"/orders/{order_no}/cancel", "bob", json={"reason": "not mine"})
     assert r.status_code == 404  # another requester's order is not revealed
     r = await api.post(f"/orders/{order_no}/cancel", "alice", json={"reason": "changed mind"})
@@ -263,3 +277,106 @@ async def test_search_through_visibility(live_api: Api):
     r = await api.get("/orders/search", "mike", params={"customer_id": "x' OR Stage != '"})
     assert r.status_code == 200, r.text
     assert r.json()["items"] == []
+
+
+async def test_replayed_submissions_write_nothing_to_the_instance_history(
+    live_api: Api, client: Client
+):
+    body = order_body(1_200_000)
+    first = await live_api.post("/orders", "alice", json=body)
+    assert first.status_code == 201, first.text
+    wid = first.json()["workflow_id"]
+    assert wid == sales_order_workflow_id(body["order_no"])
+    assert wid.startswith("sales_order-")
+    handle = client.get_workflow_handle(wid)
+    before = len((await handle.fetch_history()).events)
+
+    for _ in range(10):
+        again = await live_api.post("/orders", "alice", json=body)
+        assert again.status_code == 200, again.text
+        assert again.json()["settled"] is True
+        assert again.json()["stage"] == "approval"
+        assert [t["task_id"] for t in again.json()["pending_tasks"]] == [
+            t["task_id"] for t in first.json()["pending_tasks"]
+        ]
+    assert len((await handle.fetch_history()).events) == before
+
+
+async def _legacy_instance(
+    client: Client, sessions, settings: Settings, requester: str = "alice"
+) -> tuple[dict, str]:
+    """An instance started as before the rename ('sales-order-<no>'), with its read model."""
+    body = order_body(1_200_000, order_no=f"L{uuid.uuid4().hex[:8]}")
+    inp = SalesOrderInput.model_validate({**body, "requester": requester})
+    wid = f"{LEGACY_WORKFLOW_ID_PREFIX}{inp.order_no}"
+    await client.start_workflow(
+        SalesOrderWorkflow.run,
+        inp,
+        id=wid,
+        task_queue=settings.task_queue,
+        memo={MEMO_FINGERPRINT: input_fingerprint(inp)},
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(PROCESS_TYPE, "sales_order"),
+                SearchAttributePair(CUSTOMER_ID, inp.customer.id),
+            ]
+        ),
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        async with sessions() as s:
+            row = await s.get(Order, inp.order_no)
+        if row is not None:
+            break
+        assert time.monotonic() < deadline, "the legacy instance wrote no read model"
+        await asyncio.sleep(0.2)
+    assert row.workflow_id == wid
+    return body, wid
+
+
+async def test_an_order_under_a_legacy_id_is_reached_under_that_id(
+    live_api: Api, client: Client, sessions, settings: Settings
+):
+    body, wid = await _legacy_instance(client, sessions, settings)
+    order_no = body["order_no"]
+
+    status = await _wait_for_stage(live_api, order_no, "approval")
+    assert status["workflow_id"] == wid
+    r = await live_api.get(f"/orders/{order_no}", "alice")
+    assert r.status_code == 200 and r.json()["workflow_id"] == wid, r.text
+
+    # resubmitting never starts a second instance under the new id
+    again = await live_api.post("/orders", "alice", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json()["workflow_id"] == wid
+    changed = await live_api.post("/orders", "alice", json={**body, "loyalty_discount": True})
+    assert changed.status_code == 409, changed.text
+    with pytest.raises(RPCError) as err:
+        await client.get_workflow_handle(sales_order_workflow_id(order_no)).describe()
+    assert err.value.status == RPCStatusCode.NOT_FOUND
+
+    # search strips the legacy prefix
+    deadline = time.monotonic() + 20
+    while True:
+        r = await live_api.get(
+            "/orders/search", "mike", params={"customer_id": body["customer"]["id"], "limit": 200}
+        )
+        hits = [h for h in r.json()["items"] if h["workflow_id"] == wid]
+        if hits:
+            break
+        assert time.monotonic() < deadline, r.text
+        await asyncio.sleep(0.3)
+    assert hits[0]["order_no"] == order_no
+
+    r = await live_api.post(
+        f"/orders/{order_no}/payments", "fiona", json={"event_id": f"ev-{order_no}", "amount": "5"}
+    )
+    assert r.status_code == 202, r.text
+    r = await live_api.post(f"/orders/{order_no}/amend", "alice", json={"description": "blue"})
+    assert r.status_code == 200, r.text
+    assert r.json()["special_change"] is True
+    r = await live_api.post(f"/orders/{order_no}/cancel", "bob", json={"reason": "x"})
+    assert r.status_code == 404, r.text
+    r = await live_api.post(f"/orders/{order_no}/cancel", "alice", json={"reason": "no longer"})
+    assert r.status_code == 200, r.text
+    assert r.json()["stage"] == "cancelled" and r.json()["workflow_id"] == wid

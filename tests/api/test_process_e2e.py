@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from tests.api.conftest import Api, order_body
@@ -102,3 +104,38 @@ async def test_rejection_needs_a_comment_and_an_allowed_outcome(live_api: Api):
     r = await _decide(api, task_id, "victor", outcome="rejected", comment="price too low")
     assert r.status_code == 200 and r.json()["stage"] == "rejected"
     assert (await _decide(api, task_id, "victor", outcome="approved")).status_code == 409
+
+
+async def test_one_provider_event_pays_one_order_and_is_refused_elsewhere(live_api: Api):
+    """The tester's repro: one event id posted to four prepaid orders paid only the first."""
+    api = live_api
+    orders = []
+    for _ in range(4):
+        body = order_body(100, variant="prepaid_entry")
+        assert (await api.post("/orders", "alice", json=body)).status_code == 201
+        orders.append(body["order_no"])
+    first, *others = orders
+    event = {"event_id": f"E-{first}-a", "amount": "100.00"}
+    r = await api.post(f"/orders/{first}/payments", "fiona", json=event)
+    assert r.status_code == 202 and r.json()["paid"] == "100.00", r.text
+    again = await api.post(f"/orders/{first}/payments", "fiona", json=event)
+    assert again.status_code == 202 and again.json()["duplicate"] is True
+    for no, amount in zip(others, ("100.00", "5000.00", "50.00"), strict=True):
+        r = await api.post(
+            f"/orders/{no}/payments",
+            "fiona",
+            json={"event_id": event["event_id"], "amount": amount},
+        )
+        assert r.status_code == 409, r.text
+        assert event["event_id"] in r.json()["detail"]
+    for no in others:
+        st = (await api.get(f"/orders/{no}", "alice")).json()
+        assert st["stage"] == "awaiting_payment" and Decimal(st["paid"]) == 0
+    # cancelling one of them refunds nothing of the first order's money
+    r = await api.post(f"/orders/{others[-1]}/cancel", "alice", json={"reason": "probe"})
+    assert r.status_code == 200 and Decimal(r.json()["refunded"]) == 0, r.text
+    from tests.api.test_orders_e2e import _wait_for_stage
+
+    final = await _wait_for_stage(api, first, "closed")
+    figures = [Decimal(final[k]) for k in ("paid", "refunded", "balance")]
+    assert figures == [Decimal(100), 0, 0]

@@ -40,7 +40,7 @@ def order(order_no: str, amount: int = 100, requester: str = "alice") -> SalesOr
 
 def order_body(order_no: str, amount: int = 600_000) -> dict:
     """The same order as the API's request body."""
-    return order(order_no, amount).model_dump(mode="json", exclude={"requester"})
+    return order(order_no, amount).model_dump(mode="json", exclude={"requester", "carry"})
 
 
 async def start(

@@ -19,7 +19,7 @@ from tests.faults.orders import (
 )
 from tests.faults.processes import procflow_env, until, worker_process
 from tests.support import record_figure
-from workflows.sales_order import Stage
+from workflows.sales_order import Stage, sales_order_workflow_id
 
 PAUSE_S = 8  # how long the sandbox holds each charge open before / after it commits
 
@@ -50,7 +50,7 @@ async def test_worker_killed_before_or_after_the_charge_each_order_is_charged_on
     not_charged = await start(client, order("K-BEFORE"), queue)
     await until(lambda: capture_running(not_charged), PAUSE_S - 2, "K-BEFORE's capture runs")
     await until(
-        lambda: _logged(first.output(), "before charge sales-order-K-BEFORE"),
+        lambda: _logged(first.output(), f"before charge {sales_order_workflow_id('K-BEFORE')}"),
         2,
         "the worker holds K-BEFORE's charge",
     )

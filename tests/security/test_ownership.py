@@ -12,12 +12,14 @@ from fastapi.routing import APIRoute
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from api.routers.orders import ORDER_NO_TAKEN
 from api.routers.tasks import DECISION_REFUSED
 from core.db import AuditEntry
 from core.settings import Settings
 from tests.api.conftest import order_body
 from tests.security.conftest import ROOT, Api, bearer
 from tests.security.test_authorization import route_table
+from workflows.sales_order import sales_order_workflow_id
 
 
 async def _submit(api: Api, user: str, amount: int = 1_200_000) -> tuple[str, str]:
@@ -54,6 +56,35 @@ async def test_a_requester_gets_404_for_every_read_and_change_of_another_request
     # a role that grants more (sales) sees it
     r = await live_api.get(f"/orders/{order_no}", "sam")
     assert r.status_code == 200, r.text
+
+
+async def test_reusing_another_requesters_order_number_is_409_revealing_nothing_of_it(
+    live_api: Api,
+):
+    bobs = order_body(600_000)
+    r = await live_api.post("/orders", "bob", json=bobs)
+    assert r.status_code == 201, r.text
+    order_no = bobs["order_no"]
+    # alice's own order, resubmitted with other content: the answer she gets for bob's number
+    alices = order_body(100)
+    assert (await live_api.post("/orders", "alice", json=alices)).status_code == 201
+    own = await live_api.post("/orders", "alice", json={**alices, "loyalty_discount": True})
+    assert own.status_code == 409, own.text
+
+    for body in (bobs, {**order_body(100), "order_no": order_no}):
+        r = await live_api.post("/orders", "alice", json=body)
+        assert r.status_code == 409, r.text
+        assert r.json() == own.json() == {"detail": ORDER_NO_TAKEN}
+    # every read or change of it stays 404 for her
+    assert (await live_api.get(f"/orders/{order_no}", "alice")).status_code == 404
+    for url, body in (
+        (f"/orders/{order_no}/amend", {"description": "mine now"}),
+        (f"/orders/{order_no}/cancel", {"reason": "mine now"}),
+    ):
+        r = await live_api.post(url, "alice", json=body)
+        assert r.status_code == 404 and r.json() == {"detail": f"order {order_no} not found"}
+    r = await live_api.get(f"/orders/{order_no}", "bob")
+    assert r.json()["special_change"] is False and r.json()["stage"] == "approval"
 
 
 async def test_order_lists_and_search_show_a_requester_only_their_own_orders(live_api: Api):
@@ -97,7 +128,7 @@ async def test_self_approval_is_refused_with_403_audited_and_leaves_the_task_ope
     assert len(rows) == 1
     row = rows[0]
     assert (row.actor, row.task_id, row.comment) == ("vera", task_id, reason)
-    assert row.workflow_id == f"sales-order-{order_no}"
+    assert row.workflow_id == sales_order_workflow_id(order_no)
     assert row.event_key.startswith("refused:") and row.at is not None
 
     r = await live_api.get(f"/tasks/{task_id}", "victor")
