@@ -17,7 +17,9 @@ import math
 from typing import Any
 
 from fastapi import status
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.limits import read_body, replaying
 
 # longer than any amount (16 digits), quantity or 64-bit integer a field can hold, with room
 # for a sign, a point and an exponent
@@ -108,33 +110,14 @@ class JsonNumberGuard:
         if scope["type"] != "http" or scope["method"] not in GUARDED_METHODS or not _is_json(scope):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        first: Message | None = None
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                first = message  # a disconnect: let the app see it
-                break
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        error = refused_number(body) if first is None and body else None
+        read = await read_body(receive)  # BodySizeLimit, outside, bounds it
+        assert read is not None
+        body, disconnect = read
+        error = refused_number(body) if disconnect is None and body else None
         if error is not None:
             await _unprocessable(send, error)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                if first is not None:
-                    return first
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, disconnect, receive), send)
 
 
 async def _unprocessable(send: Send, error: dict[str, Any]) -> None:

@@ -39,34 +39,11 @@ class BodySizeLimit:
         if declared is not None and declared > self.max_bytes:
             await self._too_large(send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        first: Message | None = None
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                first = message  # a disconnect: let the app see it
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                if first is not None:
-                    return first
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        read = await read_body(receive, self.max_bytes)
+        if read is None:
+            await self._too_large(send)
+            return
+        await self.app(scope, replaying(*read, receive), send)
 
     async def _too_large(self, send: Send) -> None:
         body = ErrorOut(
@@ -84,6 +61,42 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body.encode()})
+
+
+async def read_body(
+    receive: Receive, max_bytes: int | None = None
+) -> tuple[bytes, Message | None] | None:
+    """Read a request body whole: (body, None), or (b"", the disconnect) if the client went
+    away; None once it grows beyond max_bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"", message  # a disconnect: let the app see it
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), None
+
+
+def replaying(body: bytes, disconnect: Message | None, receive: Receive) -> Receive:
+    """A receive that hands the app the body read before (or the disconnect) once, unchanged."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            if disconnect is not None:
+                return disconnect
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -89,6 +89,7 @@ class ProcessRuntime:
         self._events = 0  # changes made by handlers
         self._settled = 0  # changes the main loop has acted upon
         self._inflight = 0  # event handlers (signals) still running their activities
+        self._waited = False  # the main loop reached its first wait
         self.local = workflow.patched(LOCAL_PROJECTION)  # decided once, at the first task
         self._upserts: dict[str, SearchAttributeUpdate] = {}  # by attribute, until the flush
         # set by the process: called where the instance waits once Temporal suggests a new
@@ -249,6 +250,7 @@ class ProcessRuntime:
             due = self.board.next_due()
             workflow.set_current_details(describe())
             self._settled = self._events
+            self._waited = True
             if self.continue_as_new is not None and workflow.info().is_continue_as_new_suggested():
                 # let running handlers finish first; anything they change is acted on (and
                 # written) before the instance continues in a new run
@@ -298,7 +300,7 @@ class ProcessRuntime:
 
     def is_settled(self) -> bool:
         """True when the main loop has acted on every change so far (what `settled` waits for)."""
-        return self.done or (self._settled >= self._events and self._inflight == 0)
+        return self.done or (self._waited and self._settled >= self._events and self._inflight == 0)
 
     async def quiesce(self) -> None:
         """Wait until no event handler is half-way (e.g. a payment being recorded)."""

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from api.security import create_access_token
 from core.db import User
+from core.roles import KNOWN_ROLES
 from core.settings import Settings
 from tests.api.conftest import (  # noqa: F401 - fixtures reused from the API tests
     Api,
@@ -30,18 +31,7 @@ from tests.api.conftest import (  # noqa: F401 - fixtures reused from the API te
     worker,
 )
 
-DEMO_ROLES = [
-    "requester",
-    "sales",
-    "vice-president",
-    "sales-director",
-    "procurement",
-    "production",
-    "inspection",
-    "finance",
-    "manager",
-    "admin",
-]
+DEMO_ROLES = sorted(KNOWN_ROLES)  # every role the system knows
 ROOT = "root"  # holds every role
 
 
