@@ -1,7 +1,8 @@
 # procflow developer entry points.
 #   make run    the whole stack on this machine (Temporal dev server, worker, API, mail sink)
 #   make test   the test suite (PYTEST_ARGS="-k name -x" to narrow it)
-#   make bench  benchmark against a raw-SDK baseline (QUICK=1: < 5 min; see bench/README.md)
+#   make bench  benchmark against a raw-SDK baseline (QUICK=1: < 5 min; KEEP=1: keep the JSON
+#               under bench/results/ to commit and quote; see bench/README.md)
 #   make lint   ruff lint + format check + mypy (pydantic plugin)
 # The virtualenv is created on first use and reinstalled only when pyproject.toml changes.
 
@@ -28,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick,) $(if $(KEEP),--keep,)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

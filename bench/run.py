@@ -878,6 +878,21 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measured_commit() -> dict[str, Any]:
+    """The commit this run measures, and whether the work tree differed from it."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=30
+        )
+        return out.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, < 5 minutes")
@@ -888,10 +903,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="py-spy the worker and the API during phase 1; raw samples into DIR",
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="also write bench/results/<date>-<commit>-<mode>.json, which is committed",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     t0 = time.perf_counter()
+    commit = measured_commit()
     results = asyncio.run(bench(sizes, args.quick, args.profile))
+    results["measured"] = commit
     results.pop("_shapes", None)
     results["duration_s"] = round(time.perf_counter() - t0, 1)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -900,6 +922,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     print(f"\n{results['mode']} run in {results['duration_s']} s; written to {args.out}")
+    if args.keep:  # a run to quote: kept (committed) beside the others, named by its commit
+        kept = (
+            RESULTS
+            / f"{results['finished_at'][:10]}-{commit['commit'][:10]}-{results['mode']}.json"
+        )
+        kept.write_text(args.out.read_text())
+        print(f"kept as {kept.relative_to(ROOT)}: commit it with the README that quotes it")
     return 0
 
 
