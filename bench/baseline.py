@@ -95,9 +95,11 @@ class BaselineOrderWorkflow:
         await workflow.wait_condition(self._settled)
         return "closed" if self.done else "waiting"
 
-    @workflow.signal
-    def pay(self, step: Step) -> None:
+    @workflow.update
+    async def pay(self, step: Step) -> str:
+        """Like procflow's `pay` update: answers once the payment is taken in."""
         self.events += 1
+        return "paid"
 
 
 @workflow.defn

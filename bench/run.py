@@ -338,7 +338,7 @@ async def baseline_order(client: Client, queue: str, wid: str, kind: str, shape:
         if level < approvals - 1:
             BASELINE_MID_DECISIONS.append((time.perf_counter() - t0) * 1000)
     if KINDS[kind][2] == 0:
-        await handle.signal(BaselineOrderWorkflow.pay, Step(n=1))
+        await handle.execute_update(BaselineOrderWorkflow.pay, Step(n=1))
     if await handle.result() != "closed":
         raise RuntimeError(f"baseline {wid} did not close")
 
@@ -399,7 +399,7 @@ def _compact(segments: list[list[Batch]]) -> list[list[str]]:
 
 
 async def history_shape(client: Client, wid: str) -> HistoryShape:
-    """Activities per kind, per segment (split by decide updates and payment signals)."""
+    """Activities per kind, per segment (split by decide and pay updates, payment signals)."""
     history = await client.get_workflow_handle(wid).fetch_history()
     acts: Counter = Counter()
     updates: Counter = Counter()
@@ -428,7 +428,7 @@ async def history_shape(client: Client, wid: str) -> HistoryShape:
         elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             name = e.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
             updates[name] += 1
-            if name == "decide":
+            if name in ("decide", "pay"):  # a decision, or a payment reported by update
                 segments.append([])
         elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             updates["signal:" + e.workflow_execution_signaled_event_attributes.signal_name] += 1
