@@ -8,7 +8,9 @@ Two ways in, one way out:
 The `MailDispatcher` runs beside each worker: it claims due rows with a lease (so that several
 workers never send one row together), sends them over one SMTP session, marks them sent, and
 retries failures with exponential backoff. Delivery is at least once: a crash between the SMTP
-answer and marking the row sent sends that mail again.
+answer and marking the row sent sends that mail again. A mark that fails (the database does not
+take the write) is kept and retried before the dispatcher claims anything else, so a mail is not
+sent again at each lease's end while the database refuses writes.
 
 A failure is the failing mail's alone: a mail the server refuses (or cannot take, see
 activities/mail.py) is retried on its own while the rest of its batch goes out, and a session
@@ -182,6 +184,10 @@ class MailDispatcher:
         self.sent = 0  # mails this dispatcher delivered
         self.failures = 0  # attempts that failed (retried later, or given up)
         self.given_up = 0  # rows this dispatcher marked failed
+        # mails this dispatcher sent but could not mark sent (the database did not take the
+        # write): marked before anything new is claimed, and never sent again by this one
+        self._unmarked: dict[int, _Claimed] = {}
+        self._unmarked_partly: dict[int, str] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -233,8 +239,19 @@ class MailDispatcher:
                 await asyncio.sleep(self.gather_s)
 
     # ---------------------------------------------------------------- delivery
+    @property
+    def unmarked(self) -> int:
+        """Mails sent but not marked sent yet (their mark is retried first)."""
+        return len(self._unmarked)
+
     async def deliver_due(self) -> int:
-        """Claim up to `batch_size` due rows, send them; returns how many were claimed."""
+        """Claim up to `batch_size` due rows, send them; returns how many were claimed.
+
+        Mails sent before whose mark failed are marked first; while that fails nothing new is
+        claimed (the error propagates) and none of them is sent again.
+        """
+        if self._unmarked:
+            await self._sent(list(self._unmarked.values()), dict(self._unmarked_partly))
         rows = await self._claim()
         if not rows:
             return 0
@@ -323,8 +340,33 @@ class MailDispatcher:
         return sorted((_Claimed(*r) for r in result), key=lambda r: r.id)
 
     async def _sent(self, rows: list[_Claimed], partly: dict[int, str]) -> None:
+        """Mark rows sent in one transaction; when that fails they are kept to be marked by
+        the next round (before it claims anything), and the error propagates."""
         if not rows:
             return
+        try:
+            await self._mark_sent(rows, partly)
+        except BaseException:
+            for row in rows:
+                self._unmarked[row.id] = row
+                if row.id in partly:
+                    self._unmarked_partly[row.id] = partly[row.id]
+            log.warning("mail dispatcher: %s sent mails not marked sent yet", len(self._unmarked))
+            raise
+        for row in rows:
+            self._unmarked.pop(row.id, None)
+            self._unmarked_partly.pop(row.id, None)
+        for row in rows:
+            if row.id in partly:
+                self.sent += 1
+                log.warning("mail %s sent, but refused for %s", row.key, partly[row.id])
+            elif row.recipients:
+                self.sent += 1
+                log.info("mail %s sent to %s", row.key, row.recipients)
+            else:
+                log.warning("mail %s has no recipients", row.key)
+
+    async def _mark_sent(self, rows: list[_Claimed], partly: dict[int, str]) -> None:
         async with self._sessions.begin() as session:
             await session.execute(
                 update(OutboxMessage)
@@ -339,15 +381,6 @@ class MailDispatcher:
                     .values(last_error=f"refused: {refused}"[:1000])
                     .execution_options(synchronize_session=False)
                 )
-        for row in rows:
-            if row.id in partly:
-                self.sent += 1
-                log.warning("mail %s sent, but refused for %s", row.key, partly[row.id])
-            elif row.recipients:
-                self.sent += 1
-                log.info("mail %s sent to %s", row.key, row.recipients)
-            else:
-                log.warning("mail %s has no recipients", row.key)
 
     async def _failed(self, row: _Claimed, err: BaseException, *, permanent: bool) -> None:
         """Count a failed attempt: back off, or give up once the attempts reach their cap."""

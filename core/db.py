@@ -368,11 +368,49 @@ class Invoice(Base):
     issued_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
 
 
+# SQLite primary result codes after which a connection is not to be trusted again: a file
+# opened while it could not be written stays read-only for the life of the connection
+# (SQLITE_READONLY), and one that failed to write or open (SQLITE_IOERR, SQLITE_CANTOPEN) may
+# hold a half-opened journal
+_SQLITE_STALE_CODES = {8, 10, 14}
+_SQLITE_STALE_MESSAGES = ("readonly database", "disk i/o error", "unable to open database")
+# PostgreSQL: read_only_sql_transaction (a standby, or default_transaction_read_only, which a
+# session keeps from its start)
+_PG_STALE_SQLSTATES = {"25006"}
+
+
+def _is_stale_connection_error(err: BaseException | None) -> bool:
+    """A DBAPI error after which the connection must be thrown away (a new one may work)."""
+    if err is None:
+        return False
+    code = getattr(err, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _SQLITE_STALE_CODES:
+        return True
+    if getattr(err, "sqlstate", None) in _PG_STALE_SQLSTATES:
+        return True
+    message = str(err).lower()
+    return type(err).__name__ == "OperationalError" and any(
+        m in message for m in _SQLITE_STALE_MESSAGES
+    )
+
+
 def make_engine(url: str, **kwargs) -> AsyncEngine:
-    """Create the async engine; SQLite gets WAL, a busy timeout and enforced foreign keys."""
+    """Create the async engine; SQLite gets WAL, a busy timeout and enforced foreign keys.
+
+    A connection that failed because the database could not be written (a read-only or
+    unreachable file, a read-only PostgreSQL session) counts as disconnected: the pool drops it
+    and the connections opened alongside it, so the engine writes again, without a restart,
+    once the database does.
+    """
     if url.startswith("sqlite"):
         kwargs.setdefault("connect_args", {"timeout": 30})
     engine = create_async_engine(url, **kwargs)
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _stale_is_disconnect(context) -> None:
+        if not context.is_disconnect and _is_stale_connection_error(context.original_exception):
+            context.is_disconnect = True
+
     if url.startswith("sqlite"):
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
 import pycountry
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +31,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep, require_roles
 from api.errors import (
+    RETRY_AFTER_S,
     application_error_of,
     body_errors,
     is_not_found,
@@ -37,6 +39,7 @@ from api.errors import (
     not_found_as,
     responses,
 )
+from api.routers.health import database_takes_write
 from api.schemas import (
     MAX_OFFSET,
     AmendBody,
@@ -76,6 +79,8 @@ from workflows.sales_order import (
 )
 from workflows.sales_order import PROCESS_TYPE as SALES_ORDER
 
+log = logging.getLogger("procflow.api")
+
 router = APIRouter(prefix="/orders", tags=["orders"])
 
 Submitter = Annotated[Principal, Depends(require_roles("requester", "sales", "manager"))]
@@ -91,6 +96,7 @@ MAX_AMOUNT = Decimal("1e16")
 MAX_SEARCH_OFFSET = 10_000
 # the same answer whoever holds the number (another requester's order is not revealed)
 ORDER_NO_TAKEN = "order_no already used with a different order"
+DATABASE_READ_ONLY = "the database does not take writes: no order is started; retry later"
 # between two status queries of a resubmitted order that is still acting on something
 SETTLE_POLL_MIN_S = 0.02
 SETTLE_POLL_MAX_S = 0.25
@@ -262,6 +268,7 @@ async def submit_order(
     client: TemporalDep,
     session: SessionDep,
     settings: SettingsDep,
+    request: Request,
     response: Response,
 ) -> SalesOrderStatus:
     """Start the order's process; returns its status once its first tasks are in the inboxes."""
@@ -277,6 +284,18 @@ async def submit_order(
     await session.close()  # no database connection held while waiting on Temporal
     if recorded is not None:
         return await _resubmitted(_handle(client, recorded), fingerprint, settings, response)
+    # an instance that cannot write its read model would hang at its first step: start none
+    try:
+        await database_takes_write(request.app.state.engine, settings.temporal_rpc_timeout_s)
+    except Exception as err:  # noqa: BLE001 - read-only, locked, unreachable: all the same
+        log.warning(
+            "order %s not started: the database does not take writes: %s", inp.order_no, err
+        )
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            DATABASE_READ_ONLY,
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from None
     wid = sales_order_workflow_id(inp.order_no)
     try:
         handle = await client.start_workflow(
