@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
+from activities.background import BackgroundLoop
 from activities.mail import MailRefused, SessionClosed, SmtpSender
 from activities.models import Notification, NotificationResult
 from core.db import AuditEntry, OutboxMessage, User, utcnow
@@ -154,8 +155,10 @@ class _Claimed:
     attempts: int
 
 
-class MailDispatcher:
+class MailDispatcher(BackgroundLoop):
     """Delivers queued outbox rows; one per worker process, any number of processes."""
+
+    task_name = "mail-dispatcher"
 
     def __init__(
         self,
@@ -189,31 +192,20 @@ class MailDispatcher:
         self._unmarked: dict[int, _Claimed] = {}
         self._unmarked_partly: dict[int, str] = {}
         self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        super().__init__()
 
     # ---------------------------------------------------------------- lifecycle
     def wake(self) -> None:
         """New rows are queued: deliver now instead of at the next poll."""
         self._wake.set()
 
-    def start(self) -> None:
-        if self._task is None:
-            self._stopping.clear()
-            self._task = asyncio.create_task(self.run(), name="mail-dispatcher")
+    def _woken_to_stop(self) -> None:
+        self._wake.set()
 
     async def stop(self, drain_s: float = 5.0) -> None:
-        """Finish the running round, then deliver what is due once more (at most `drain_s`).
-
-        Stopped by a flag, not by cancelling the task: on Python 3.11 `asyncio.wait_for` can
-        swallow a cancellation that arrives as its inner wait completes, and the task would
-        then run on while `stop` waits for it (seen as a worker shutdown that never ended).
-        """
-        self._stopping.set()
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        """Finish the running round, then deliver what is due once more (at most `drain_s`);
+        stopped by a flag (activities/background.py says why)."""
+        await self.halt()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(drain_s):
                 await self.deliver_due()

@@ -31,6 +31,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from activities.background import BackgroundLoop
 from activities.records import _insert_or_ignore
 from core.db import AuditEntry, Order, TaskRow, utcnow
 from core.temporal import PROCESS_TYPE
@@ -177,7 +178,7 @@ def abnormal_ends_query(process_types: Sequence[str], since: datetime) -> str:
     )
 
 
-class ReadModelReconciler:
+class ReadModelReconciler(BackgroundLoop):
     """Writes abnormal ends into the read model; one per worker process, any number of them.
 
     The watermark lives in memory: it starts `lookback_s` back (a worker that starts catches
@@ -186,6 +187,8 @@ class ReadModelReconciler:
     and the worker's clock is not the server's) is still found. Ends seen again are applied
     again, which changes nothing.
     """
+
+    task_name = "read-model-reconciler"
 
     def __init__(
         self,
@@ -215,31 +218,13 @@ class ReadModelReconciler:
         self.rpc_timeout = timedelta(seconds=rpc_timeout_s)
         self.watermark = utcnow() - timedelta(seconds=lookback_s)
         self.applied = 0  # ends whose read model this reconciler changed
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        super().__init__()
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> None:
-        if self._task is None:
-            self._stopping.clear()
-            self._task = asyncio.create_task(self.run(), name="read-model-reconciler")
-
     async def stop(self, grace_s: float = 15.0) -> None:
-        """Let the running round finish (at most `grace_s`), then return.
-
-        Stopped by a flag, not by cancelling the task (see `MailDispatcher.stop`: Python
-        3.11's `asyncio.wait_for` can swallow a cancellation); a round stuck past the grace
-        is cancelled, and the flag still ends the loop if that cancellation is lost.
-        """
-        self._stopping.set()
-        task, self._task = self._task, None
-        if task is None:
-            return
-        done, _ = await asyncio.wait({task}, timeout=grace_s)
-        if not done:
-            log.warning("read-model reconciler: round still running after %.0f s", grace_s)
-            task.cancel()
-            await asyncio.wait({task}, timeout=grace_s)
+        """Let the running round finish (at most `grace_s`), then return (stopped by a flag:
+        activities/background.py says why)."""
+        await self.halt(grace_s)
 
     async def run(self) -> None:
         while not self._stopping.is_set():

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import status
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.limits import read_body, replaying
+from api.limits import read_body, replaying, send_json
 
 # longer than any amount (16 digits), quantity or 64-bit integer a field can hold, with room
 # for a sign, a point and an exponent
@@ -122,14 +122,4 @@ class JsonNumberGuard:
 
 async def _unprocessable(send: Send, error: dict[str, Any]) -> None:
     payload = json.dumps({"detail": [error]}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status.HTTP_422_UNPROCESSABLE_CONTENT,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    await send_json(send, status.HTTP_422_UNPROCESSABLE_CONTENT, payload)

@@ -49,18 +49,16 @@ class BodySizeLimit:
         body = ErrorOut(
             detail=f"request body too large: the limit is {self.max_bytes} bytes"
         ).model_dump_json()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status.HTTP_413_CONTENT_TOO_LARGE,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body.encode()})
+        await send_json(send, status.HTTP_413_CONTENT_TOO_LARGE, body.encode(), close=True)
+
+
+async def send_json(send: Send, status_code: int, body: bytes, *, close: bool = False) -> None:
+    """Answer a request from ASGI middleware with a JSON body (before the app saw it)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def read_body(
