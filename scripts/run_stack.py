@@ -9,9 +9,22 @@ One supervisor, six children, started in this order, each with its output prefix
     worker    the Temporal worker
     api       the FastAPI app (uvicorn)
 
-If a child dies the supervisor says so, stops the rest and exits 1. Ctrl-C or SIGTERM stops the
-children in reverse order (SIGTERM, up to 10 s, then SIGKILL) and exits 0. Everything lives in
-<data-dir>, so running it again resumes the same processes, records and mail.
+Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the children in reverse order (SIGTERM, up
+to 10 s, then SIGKILL) and exits 0. Everything lives in <data-dir>, so running it again resumes
+the same processes, records and mail. As a supervisor:
+
+- One stack per data directory: the supervisor holds an flock on <data-dir>/stack.lock (its pid
+  inside) for its whole life; a second one on the same directory is refused, naming that pid.
+  The kernel drops the lock on any exit, so the file a killed supervisor leaves is no obstacle.
+- Children die with the supervisor: on Linux each one asks the kernel for SIGTERM when the
+  supervisor dies (PR_SET_PDEATHSIG), even by SIGKILL. <data-dir>/stack.pids lists the children
+  (pid, start time, command line); the next start stops those still running whose pid, start
+  time and /proc command line all match, so a reused pid is never touched. A busy port is
+  refused naming the pids that hold it.
+- A long-running child (mail, temporal, worker, api) that dies once the stack is up is
+  restarted after 1 s, 2 s, 4 s ... (at most 30 s); the 5th crash of the same part within 60 s
+  stops the stack with exit 1. A child that dies while the stack starts, or a failing one-shot
+  step, fails the stack at once.
 
 The Temporal dev server only registers `--search-attribute` values when it creates its database:
 on an existing database new attributes are silently ignored. So the supervisor also adds any
@@ -22,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -32,8 +47,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -49,6 +65,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPORAL_READY_TIMEOUT_S = 60.0
 API_READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+LOCK_FILE = "stack.lock"
+PID_FILE = "stack.pids"
 _print_lock = threading.Lock()
 
 
@@ -57,7 +76,24 @@ class StackError(Exception):
 
 
 class Shutdown(BaseException):  # noqa: N818 - like KeyboardInterrupt: no `except Exception` eats it
-    """Ctrl-C or SIGTERM arrived."""
+    """Ctrl-C, SIGTERM or SIGHUP arrived."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a crashed long-running child comes back: after first_delay_s, doubling with each
+    crash within window_s, at most max_delay_s; the max_crashes-th crash in the window gives up."""
+
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    max_crashes: int = 5
+    window_s: float = 60.0
+
+    def delay(self, crashes_in_window: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * 2 ** max(0, crashes_in_window - 1))
+
+
+RESTART_POLICY = RestartPolicy()
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -141,10 +177,209 @@ def check_ports(config: StackConfig) -> None:
         seen[port] = what
     for what, port in ports.items():
         if not port_is_free(config.host, port):
+            holders = port_holders(port)
+            by = ", ".join(f"pid {pid} ({describe_process(pid)})" for pid in holders)
+            stop = f"Stop it (kill {' '.join(map(str, holders))})" if holders else "Stop it"
             raise StackError(
-                f"port {port} ({what}) on {config.host} is already in use - another procflow "
-                f"stack is running? Stop it, or choose other ports (see --help)."
+                f"port {port} ({what}) on {config.host} is already in use"
+                + (f" by {by}" if holders else "")
+                + f" - another procflow stack is running? {stop}, or choose other ports "
+                "(see --help)."
             )
+
+
+# --- processes, by /proc (Linux; elsewhere these know nothing and the checks are skipped) ----
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, it names one process."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def process_running(pid: int) -> bool:
+    """Alive, not a zombie waiting for its parent (or init) to reap it."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
+
+
+def describe_process(pid: int) -> str:
+    cmdline = process_cmdline(pid)
+    if not cmdline:
+        return "command unknown"
+    text = " ".join(cmdline)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def port_holders(port: int) -> list[int]:
+    """The pids with a TCP socket on this local port that we may look at (our own processes)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] != "0":
+                inodes.add(f"socket:[{fields[9]}]")
+    holders: list[int] = []
+    if not inodes:
+        return holders
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # another user's process, or gone
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    holders.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return sorted(holders)
+
+
+# --- one stack per data directory ------------------------------------------------------------
+
+
+class DataDirLock:
+    """An flock on <data-dir>/stack.lock with the holder's pid in the file.
+
+    Held from acquire() until release() or the process ends: the kernel drops it on any exit
+    (even SIGKILL), so a file left by a killed supervisor is no obstacle. The descriptor is not
+    inherited by the children.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StackError(f"cannot open the lock file {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StackError(
+                f"data directory {self.data_dir} is in use by another procflow stack "
+                f"(supervisor pid {holder}): stop it (kill {holder}), or choose another "
+                "--data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --- the children's pid file, and the leftovers of a killed supervisor ------------------------
+
+
+@dataclass(frozen=True)
+class ChildRecord:
+    """One started child as <data-dir>/stack.pids keeps it."""
+
+    name: str
+    pid: int
+    started: int | None  # process_start_time(pid) right after the start
+    cmd: list[str]
+
+    def still_running(self) -> bool:
+        """This very process is still there: same pid, start time and command line."""
+        return (
+            process_running(self.pid)
+            and process_start_time(self.pid) == self.started
+            and process_cmdline(self.pid) == self.cmd
+        )
+
+
+def write_pid_file(path: Path, children: list[ChildRecord]) -> None:
+    document = {"supervisor": os.getpid(), "children": [asdict(child) for child in children]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_pid_file(path: Path) -> list[ChildRecord]:
+    try:
+        document = json.loads(path.read_text())
+        return [ChildRecord(**child) for child in document["children"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        say("stack", f"ignoring unreadable {path}: {exc}")
+        return []
+
+
+def stop_leftovers(pid_file: Path, grace_s: float | None = None) -> list[ChildRecord]:
+    """Stop the children of a previous supervisor that are still running (SIGTERM, then SIGKILL
+    after grace_s), then drop the file. Call it only while holding the data directory's lock:
+    then no live supervisor owns them."""
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
+    leftovers = [child for child in read_pid_file(pid_file) if child.still_running()]
+    if leftovers:
+        listed = ", ".join(f"{child.name} (pid {child.pid})" for child in leftovers)
+        say("stack", f"stopping leftovers of a previous stack: {listed}")
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        running = [child for child in leftovers if child.still_running()]
+        for child in running:
+            try:
+                os.kill(child.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait_s
+        while running and time.monotonic() < deadline:
+            time.sleep(0.1)
+            running = [child for child in running if child.still_running()]
+        if not running:
+            break
+    else:
+        pids = " ".join(str(child.pid) for child in leftovers if child.still_running())
+        raise StackError(f"leftovers of a previous stack survived SIGKILL: pids {pids}")
+    pid_file.unlink(missing_ok=True)
+    return leftovers
+
+
+def prepare(config: StackConfig, lock: DataDirLock) -> None:
+    """Before anything starts: the data directory is ours, leftovers of a killed stack are
+    stopped, and every port is free. Creates the data directory only if all of that holds."""
+    if config.data_dir.exists():
+        lock.acquire()
+        stop_leftovers(config.data_dir / PID_FILE)
+    check_ports(config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
 
 
 def find_temporal_binary() -> str:
@@ -207,8 +442,30 @@ def python_module(module: str, *args: str) -> list[str]:
 
 def say(name: str, line: str) -> None:
     with _print_lock:
-        sys.stdout.write(f"{name:<9}| {line.rstrip()}\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(f"{name:<9}| {line.rstrip()}\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass  # the terminal is gone (SIGHUP): keep supervising, and keep draining children
+
+
+# Runs first in every child on Linux: asks the kernel to SIGTERM the child when the supervisor
+# dies, however it dies (even SIGKILL), then becomes the child's command: same pid, and the
+# command line that <data-dir>/stack.pids records. The signal comes when the thread that
+# started the child ends, so the supervisor starts every child from its main thread.
+_DIE_WITH_SUPERVISOR = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, ctypes.c_ulong(signal.SIGTERM))  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(70)  # the supervisor died before the request took effect
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def die_with_supervisor(cmd: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_SUPERVISOR, str(os.getpid()), *cmd]
 
 
 @dataclass
@@ -216,9 +473,14 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     output: threading.Thread  # copies the child's output, prefixed, to ours
+    cmd: list[str]
+    started: int | None = None  # process_start_time(pid)
 
     def exited(self) -> int | None:
         return self.process.poll()
+
+    def record(self) -> ChildRecord:
+        return ChildRecord(self.name, self.process.pid, self.started, self.cmd)
 
 
 def _pump(name: str, stream) -> None:
@@ -227,17 +489,28 @@ def _pump(name: str, stream) -> None:
     stream.close()
 
 
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 class Stack:
-    """The running children, in start order."""
+    """The running children, in start order; with a pid_file, the file lists them."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, pid_file: Path | None = None) -> None:
         self.env = dict(env) if env is not None else dict(os.environ)
+        self.pid_file = pid_file
         self.children: list[Child] = []
+        self._wrote_pid_file = False
 
-    def start(self, name: str, cmd: list[str]) -> Child:
+    def _spawn(self, name: str, cmd: list[str]) -> Child:
         say("stack", f"starting {name}: {' '.join(cmd)}")
         process = subprocess.Popen(
-            cmd,
+            die_with_supervisor(cmd),
             cwd=ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -248,9 +521,31 @@ class Stack:
         )
         output = threading.Thread(target=_pump, args=(name, process.stdout), daemon=True)
         output.start()
-        child = Child(name, process, output)
+        return Child(name, process, output, list(cmd), process_start_time(process.pid))
+
+    def start(self, name: str, cmd: list[str]) -> Child:
+        child = self._spawn(name, cmd)
         self.children.append(child)
+        self._write_pid_file()
         return child
+
+    def restart(self, child: Child) -> Child:
+        """Start a dead child's command again, in its place in the start order."""
+        child.output.join(timeout=1)  # its last words first
+        index = self.children.index(child)
+        fresh = self._spawn(child.name, child.cmd)
+        self.children[index] = fresh
+        self._write_pid_file()
+        return fresh
+
+    def _remove(self, child: Child) -> None:
+        self.children.remove(child)
+        self._write_pid_file()
+
+    def _write_pid_file(self) -> None:
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file, [child.record() for child in self.children])
+            self._wrote_pid_file = True
 
     def run_once(self, name: str, cmd: list[str]) -> None:
         """Run a one-shot step to completion; it must succeed."""
@@ -261,7 +556,7 @@ class Stack:
                 time.sleep(0.1)
         finally:
             if child.exited() is not None:
-                self.children.remove(child)
+                self._remove(child)
         if code != 0:
             raise StackError(f"{name} failed with exit code {code}")
 
@@ -285,6 +580,8 @@ class Stack:
                     child.process.wait()
             _signal_group(child.process, signal.SIGKILL)  # leftovers of its process group
             child.output.join(timeout=1)  # its last words before ours
+        if self.pid_file is not None and self._wrote_pid_file:
+            self.pid_file.unlink(missing_ok=True)  # nothing left over (never another's file)
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -396,10 +693,45 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
         say("stack", line)
 
 
-def supervise(stack: Stack) -> None:
-    while True:
-        stack.check_alive()
-        time.sleep(0.5)
+def supervise(
+    stack: Stack,
+    policy: RestartPolicy = RESTART_POLICY,
+    until: Callable[[], bool] = lambda: False,
+    poll_s: float = 0.2,
+) -> None:
+    """Restart each child that dies, after the policy's delay; raise StackError when one crashed
+    policy.max_crashes times within policy.window_s. Returns when until() holds (tests)."""
+    crashes: dict[str, deque[float]] = {}
+    due: dict[str, tuple[float, Child]] = {}  # name -> (restart time, the dead child)
+    while not until():
+        now = time.monotonic()
+        for child in list(stack.children):
+            if child.name in due or (code := child.exited()) is None:
+                continue
+            _signal_group(child.process, signal.SIGKILL)  # what it may have left in its group
+            recent = crashes.setdefault(child.name, deque())
+            recent.append(now)
+            while now - recent[0] > policy.window_s:
+                recent.popleft()
+            what = f"{child.name} (pid {child.process.pid}) {describe_exit(code)}"
+            if len(recent) >= policy.max_crashes:
+                raise StackError(
+                    f"{what}: it crashed {len(recent)} times within {policy.window_s:g} s; "
+                    "giving up"
+                )
+            delay = policy.delay(len(recent))
+            say(
+                "stack",
+                f"{what}; restarting it in {delay:g} s (crash {len(recent)} of "
+                f"{policy.max_crashes} allowed within {policy.window_s:g} s)",
+            )
+            due[child.name] = (now + delay, child)
+        for name, (at, dead) in list(due.items()):
+            if now >= at:
+                del due[name]
+                fresh = stack.restart(dead)
+                say("stack", f"restarted {name} (pid {fresh.process.pid})")
+        time.sleep(poll_s)
 
 
 def _raise_shutdown(signum: int, _frame: object) -> None:
@@ -408,28 +740,28 @@ def _raise_shutdown(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    try:
-        check_ports(config)
-    except StackError as exc:
-        say("stack", f"error: {exc}")
-        return 1
-    signal.signal(signal.SIGINT, _raise_shutdown)
-    signal.signal(signal.SIGTERM, _raise_shutdown)
-    stack = Stack(child_env(config))
+    for signum in STOP_SIGNALS:  # SIGHUP: the terminal closed; stop as cleanly as on Ctrl-C
+        signal.signal(signum, _raise_shutdown)
+    lock = DataDirLock(config.data_dir)
+    stack = Stack(child_env(config), pid_file=config.data_dir / PID_FILE)
     code = 0
+    starting = False
     try:
+        prepare(config, lock)
+        starting = True
         start_stack(stack, config)
         supervise(stack)
     except Shutdown as exc:
         say("stack", f"{exc}: shutting down")
     except StackError as exc:
-        say("stack", f"error: {exc}; shutting down")
+        say("stack", f"error: {exc}" + ("; shutting down" if starting else ""))
         code = 1
     finally:
         # A second Ctrl-C must not interrupt the orderly stop; SIGKILL after the grace covers it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         stack.stop()
+        lock.release()
     return code
 
 

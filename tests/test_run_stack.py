@@ -4,6 +4,9 @@ Temporal dev server restarted on the same database file."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -222,3 +225,143 @@ def test_restarting_on_the_same_database_resumes_data_and_adds_new_search_attrib
         stack.stop()
     assert (tmp_path / "temporal.db").exists()
     assert IndexedValueType.Name(attributes["PendingRoles"]) == "INDEXED_VALUE_TYPE_KEYWORD_LIST"
+
+
+# --- supervision: restarts, the data directory's lock, leftovers ---------------------------
+
+# Exits with code 3 the first `crashes` times it runs, then stays up (and says so in a file).
+CRASH_THEN_RUN = """
+import pathlib, sys, time
+runs, crashes = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+n = int(runs.read_text()) if runs.exists() else 0
+runs.write_text(str(n + 1))
+if n < crashes:
+    sys.exit(3)
+pathlib.Path(sys.argv[1] + ".up").touch()
+time.sleep(120)
+"""
+
+
+def test_restart_delays_double_up_to_the_cap() -> None:
+    policy = run_stack.RestartPolicy(first_delay_s=1, max_delay_s=30)
+    assert [policy.delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    assert run_stack.RESTART_POLICY == run_stack.RestartPolicy(1.0, 30.0, 5, 60.0)
+
+
+def test_a_crashed_child_is_restarted_after_a_growing_delay_and_carries_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs, pid_file = tmp_path / "runs", tmp_path / "stack.pids"
+    stack = Stack(pid_file=pid_file)
+    first = stack.start("flaky", [sys.executable, "-c", CRASH_THEN_RUN, str(runs), "2"])
+    policy = run_stack.RestartPolicy(first_delay_s=0.2, max_delay_s=5, max_crashes=5)
+    try:
+        run_stack.supervise(stack, policy, until=Path(f"{runs}.up").exists, poll_s=0.05)
+        [child] = stack.children
+        assert child.exited() is None and child.process.pid != first.process.pid
+        assert runs.read_text() == "3"
+        assert [r.pid for r in run_stack.read_pid_file(pid_file)] == [child.process.pid]
+    finally:
+        stack.stop()
+    out = capsys.readouterr().out
+    assert "exited with code 3; restarting it in 0.2 s (crash 1 of 5 allowed within 60 s)" in out
+    assert "exited with code 3; restarting it in 0.4 s (crash 2 of 5 allowed within 60 s)" in out
+    assert f"restarted flaky (pid {child.process.pid})" in out
+    assert not pid_file.exists()
+
+
+def test_a_child_that_keeps_crashing_makes_the_supervisor_give_up(tmp_path: Path) -> None:
+    stack = Stack()
+    stack.start("crasher", [sys.executable, "-c", CRASH_THEN_RUN, str(tmp_path / "runs"), "99"])
+    policy = run_stack.RestartPolicy(first_delay_s=0.05, max_crashes=3, window_s=60)
+    try:
+        with pytest.raises(StackError) as raised:
+            run_stack.supervise(stack, policy, poll_s=0.05)
+    finally:
+        stack.stop()
+    assert re.fullmatch(
+        r"crasher \(pid \d+\) exited with code 3: it crashed 3 times within 60 s; giving up",
+        str(raised.value),
+    )
+    assert (tmp_path / "runs").read_text() == "3"
+
+
+def test_a_second_lock_on_a_data_dir_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    first, second = run_stack.DataDirLock(tmp_path), run_stack.DataDirLock(tmp_path)
+    first.acquire()
+    try:
+        assert (tmp_path / "stack.lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(StackError) as raised:
+            second.acquire()
+        assert f"in use by another procflow stack (supervisor pid {os.getpid()})" in str(
+            raised.value
+        )
+        assert "--data-dir" in str(raised.value)
+    finally:
+        first.release()
+    second.acquire()  # released: free again, the file left in place is no obstacle
+    second.release()
+
+
+HOLD_PORT = """
+import socket, sys, time
+sock = socket.socket()
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.listen()
+print("listening", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_busy_port_names_the_process_that_holds_it(tmp_path: Path) -> None:
+    config = free_config(tmp_path / "data")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_PORT, str(config.smtp_port)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"listening\n"
+        with pytest.raises(StackError) as raised:
+            run_stack.check_ports(config)
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(raised.value)
+    assert f"port {config.smtp_port} (SMTP sink) on 127.0.0.1 is already in use by " in message
+    assert f"pid {holder.pid} ({sys.executable} -c" in message
+    assert f"Stop it (kill {holder.pid})" in message
+
+
+def test_leftovers_are_stopped_only_when_pid_start_time_and_command_line_all_match(
+    tmp_path: Path,
+) -> None:
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    leftover, reused, restarted = (subprocess.Popen(sleep) for _ in range(3))
+    try:
+        pid_file = tmp_path / "stack.pids"
+
+        def record(
+            name: str, proc: subprocess.Popen, cmd: list[str], offset: int = 0
+        ) -> run_stack.ChildRecord:
+            started = run_stack.process_start_time(proc.pid)
+            assert started is not None
+            return run_stack.ChildRecord(name, proc.pid, started + offset, cmd)
+
+        run_stack.write_pid_file(
+            pid_file,
+            [
+                record("worker", leftover, sleep),
+                # the pid now belongs to another program
+                record("api", reused, [sys.executable, "worker.py"]),
+                # the same command line, but not the process that was started
+                record("mail", restarted, sleep, offset=-1),
+            ],
+        )
+        stopped = run_stack.stop_leftovers(pid_file, grace_s=10)
+        assert [child.pid for child in stopped] == [leftover.pid]
+        assert leftover.wait(10) == -signal.SIGTERM
+        assert reused.poll() is None and restarted.poll() is None
+        assert not pid_file.exists()
+    finally:
+        for proc in (leftover, reused, restarted):
+            proc.kill()
+            proc.wait()
