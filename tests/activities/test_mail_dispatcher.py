@@ -96,7 +96,7 @@ async def test_smtp_outage_backs_off_and_delivers_when_the_server_is_back(
     assert await dispatcher.deliver_due() == 2
     rows = await _rows(sessions)
     assert [(r.status, r.attempts) for r in rows] == [("pending", 1), ("pending", 1)]
-    assert all(r.last_error and r.next_attempt_at > utcnow() for r in rows)
+    assert all(r.last_error and r.next_attempt_at and r.next_attempt_at > utcnow() for r in rows)
     assert all(r.lease_until is None for r in rows)
     mail_sink.start()
     assert await dispatcher.deliver_due() == 0  # not due yet: backing off
@@ -112,15 +112,19 @@ async def test_backoff_doubles_up_to_its_cap(sessions, activity_env):
     await activity_env.run(records.project, ProjectionBatch(mails=[_mail(1)]))
     nowhere = SmtpSender("127.0.0.1", 9, 1, "procflow@localhost")
     dispatcher = MailDispatcher(sessions, nowhere, first_backoff_s=10, max_backoff_s=25)
-    waits = []
-    for _ in range(4):
+    for expected in (10, 20, 25, 25):
         async with sessions.begin() as session:
             await session.execute(update(OutboxMessage).values(next_attempt_at=utcnow()))
         before = utcnow()
         assert await dispatcher.deliver_due() == 1
+        after = utcnow()
         [row] = await _rows(sessions)
-        waits.append(round((row.next_attempt_at - before).total_seconds()))
-    assert waits == [10, 20, 25, 25]
+        assert row.next_attempt_at is not None
+        # the next attempt is `expected` seconds after the failure, which happened between
+        # `before` and `after` (however long the attempt took); 1 ms for stored precision
+        slack = timedelta(milliseconds=1)
+        earliest, latest = before + timedelta(seconds=expected), after + timedelta(seconds=expected)
+        assert earliest - slack <= row.next_attempt_at <= latest + slack, (expected, row)
     assert row.attempts == 4
 
 
@@ -166,24 +170,33 @@ async def test_running_dispatcher_is_woken_by_project_and_drains_on_stop(
 ):
     dispatcher = MailDispatcher(sessions, _sender(mail_sink), poll_s=3600)  # no polling
     records = RecordActivities(sessions, mail_queued=dispatcher.wake)
+    other = RecordActivities(sessions)  # another worker process's: it wakes nobody here
+    await activity_env.run(other.project, ProjectionBatch(mails=[_mail(0)]))
     dispatcher.start()
     try:
-        await asyncio.sleep(0.5)  # its first round found nothing; it waits to be woken
+        # its first round delivers what was queued; then only a wake-up starts another round
+        await _until_sent(mail_sink, ["mail 0"])
         await activity_env.run(records.project, ProjectionBatch(mails=[_mail(1)]))
-        for _ in range(100):
-            if mail_sink.messages:
-                break
-            await asyncio.sleep(0.05)
-        assert [m["Subject"] for m in mail_sink.messages] == ["mail 1"]
-        await asyncio.sleep(0.5)  # that round is over
+        await _until_sent(mail_sink, ["mail 0", "mail 1"])
         # queued by another worker process (nobody wakes this one): the last round on stop
-        other = RecordActivities(sessions)
         await activity_env.run(other.project, ProjectionBatch(mails=[_mail(2)]))
         await asyncio.sleep(0.5)
-        assert [m["Subject"] for m in mail_sink.messages] == ["mail 1"]
+        assert _subjects(mail_sink) == ["mail 0", "mail 1"]
     finally:
         await dispatcher.stop()
-    assert sorted(m["Subject"] for m in mail_sink.messages) == ["mail 1", "mail 2"]
+    assert _subjects(mail_sink) == ["mail 0", "mail 1", "mail 2"]
+
+
+def _subjects(sink: MailSink) -> list[str]:
+    return sorted(m["Subject"] for m in sink.messages)
+
+
+async def _until_sent(sink: MailSink, subjects: list[str], timeout_s: float = 60) -> None:
+    """Wait until the sink holds exactly these mails (a generous bound, not a speed check)."""
+    async with asyncio.timeout(timeout_s):
+        while _subjects(sink) != subjects:
+            assert set(_subjects(sink)) <= set(subjects), _subjects(sink)
+            await asyncio.sleep(0.05)
 
 
 async def test_the_notify_activitys_rows_are_not_the_dispatchers(

@@ -42,12 +42,20 @@ async def _audit(sessions, order_no: str, prefix: str) -> list[AuditEntry]:
         return list(rows.scalars())
 
 
+async def _signed_in(api: Api, *users: str) -> None:
+    """Sign in before the race: only the requests race, not password checks (a sign-in that
+    finds every check slot busy on a loaded machine is a 503, not what is tested here)."""
+    for user in users:
+        await api.login(user)
+
+
 def _duplicates(found: int) -> None:
     record_figure("duplicates found", found, add=True)
 
 
 async def test_same_start_sent_five_times_at_once_makes_one_instance(live_api: Api, sessions):
     body = order_body(600_000)
+    await _signed_in(live_api, "alice")
     responses = await asyncio.gather(
         *(live_api.post("/orders", "alice", json=body) for _ in range(5))
     )
@@ -60,23 +68,25 @@ async def test_same_start_sent_five_times_at_once_makes_one_instance(live_api: A
                 select(func.count()).select_from(Order).where(Order.order_no == body["order_no"])
             )
         ).scalar_one()
-    assert orders == 1
     _duplicates(orders - 1)
+    assert orders == 1
 
 
 async def test_same_decision_sent_twice_at_once_records_one(live_api: Api, client, sessions):
     status = (await live_api.post("/orders", "alice", json=order_body(1_200_000))).json()
     task_id = status["pending_tasks"][0]["task_id"]
     url = f"/tasks/{task_id}/decision"
+    await _signed_in(live_api, "victor")
     first, second = await asyncio.gather(
         live_api.post(url, "victor", json={"outcome": "approved"}),
         live_api.post(url, "victor", json={"outcome": "approved"}),
     )
-    assert sorted([first.status_code, second.status_code]) == [200, 409]
     audited = await _audit(sessions, status["order_no"], "decided:")
+    accepted = await _accepted_updates(client, status["order_no"], "decide")
+    _duplicates(max(0, len(audited) - 1) + max(0, accepted - 1))
+    assert sorted([first.status_code, second.status_code]) == [200, 409]
     assert len(audited) == 1
-    assert await _accepted_updates(client, status["order_no"], "decide") == 1
-    _duplicates(len(audited) - 1)
+    assert accepted == 1
 
 
 async def test_two_approvers_racing_for_one_task(live_api: Api, client, sessions):
@@ -84,6 +94,7 @@ async def test_two_approvers_racing_for_one_task(live_api: Api, client, sessions
     status = (await live_api.post("/orders", "alice", json=order_body(700_000))).json()
     task_id = status["pending_tasks"][0]["task_id"]
     url = f"/tasks/{task_id}/decision"
+    await _signed_in(live_api, "victor", "vera")
     victor, vera = await asyncio.gather(
         live_api.post(url, "victor", json={"outcome": "approved"}),
         live_api.post(url, "vera", json={"outcome": "rejected", "comment": "too risky"}),
@@ -104,6 +115,7 @@ async def test_approve_and_cancel_racing_end_in_one_consistent_outcome(
     status = (await live_api.post("/orders", "alice", json=order_body(600_000))).json()
     no = status["order_no"]
     task_id = status["pending_tasks"][0]["task_id"]
+    await _signed_in(live_api, "victor", "mike")
     approve, cancel = await asyncio.gather(
         live_api.post(f"/tasks/{task_id}/decision", "victor", json={"outcome": "approved"}),
         live_api.post(f"/orders/{no}/cancel", "mike", json={"reason": "customer called"}),

@@ -1,6 +1,6 @@
 """The read model (orders, tasks, candidates, audit) on SQLite and PostgreSQL: projection is
-idempotent, also when the same batch is applied concurrently, and the inbox query finds the
-right tasks."""
+idempotent, also when the same batch is applied concurrently, and the inbox handler of
+`GET /tasks` finds the right tasks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.testing import ActivityEnvironment
 
@@ -21,6 +21,8 @@ from activities.models import (
     TaskSnapshot,
 )
 from activities.records import RecordActivities
+from api.routers.tasks import inbox
+from api.schemas import Principal
 from core.db import AuditEntry, Order, OrderLine, TaskCandidate, TaskRow
 
 T0 = datetime(2026, 3, 2, 8, 30, tzinfo=UTC)
@@ -161,33 +163,39 @@ async def test_concurrent_projections_of_one_batch_write_each_row_once(sessions)
     assert await _snapshot(sessions) == state
 
 
-def _inbox_query(username: str, roles: list[str], *, include_taken: bool = False):
-    """The inbox query of api/routers/tasks.py (`inbox`), reproduced: it builds the query
-    inline in the handler, so there is no builder to import."""
-    has_role = exists().where(
-        TaskCandidate.task_id == TaskRow.task_id, TaskCandidate.role.in_(roles)
+async def _inbox(
+    sessions: async_sessionmaker,
+    username: str,
+    roles: list[str],
+    *,
+    include_taken: bool = False,
+    name: str | None = None,
+    kind: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[int, list[str]]:
+    """`GET /tasks` as the API serves it: the real handler, with a principal and a session."""
+    user = Principal(
+        username=username, display_name=username, email=f"{username}@example.com", roles=roles
     )
-    scope = [TaskRow.assignee == username, and_(TaskRow.assignee.is_(None), has_role)]
-    if include_taken:
-        scope.append(and_(TaskRow.assignee.is_not(None), has_role))
-    return select(TaskRow).where(
-        TaskRow.status == "open", TaskRow.requester != username, or_(*scope)
-    )
-
-
-async def _inbox(sessions, username, roles, *, include_taken=False, name=None, limit=50):
-    query = _inbox_query(username, roles, include_taken=include_taken)
-    if name is not None:
-        query = query.where(TaskRow.name.contains(name, autoescape=True))
     async with sessions() as session:
-        total = await session.scalar(select(func.count()).select_from(query.subquery()))
-        rows = await session.scalars(
-            query.order_by(TaskRow.created_at, TaskRow.task_id).limit(limit)
+        page = await inbox(
+            user,
+            session,
+            kind=kind,
+            business_key=None,
+            name=name,
+            include_taken=include_taken,
+            limit=limit,
+            offset=offset,
         )
-        return total, [r.task_id.rsplit("/", 1)[1] for r in rows]
+    assert (page.limit, page.offset) == (limit, offset)
+    for item in page.items:  # `taken`: assigned to somebody else
+        assert item.taken == (item.assignee not in (None, username)), item
+    return page.total, [item.task_id.rsplit("/", 1)[1] for item in page.items]
 
 
-async def test_inbox_query_returns_open_tasks_of_my_roles_or_assigned_to_me(sessions):
+async def test_inbox_handler_returns_open_tasks_of_my_roles_or_assigned_to_me(sessions):
     records = RecordActivities(sessions)
     tasks = [
         _task("pooled-vp", roles=["vice-president"], minutes=5),
@@ -224,6 +232,14 @@ async def test_inbox_query_returns_open_tasks_of_my_roles_or_assigned_to_me(sess
     assert await _inbox(sessions, "victor", ["vice-president"], limit=2) == (
         4,
         ["pooled-two-roles", "mine"],
+    )
+    assert await _inbox(sessions, "victor", ["vice-president"], limit=2, offset=2) == (
+        4,
+        ["pooled-vp", "100%_done"],
+    )
+    assert await _inbox(sessions, "victor", ["vice-president"], kind="acknowledge") == (
+        1,
+        ["100%_done"],
     )
     # the requester never sees her own order's tasks; an unknown role sees nothing
     assert await _inbox(sessions, "alice", ["vice-president", "manager"]) == (

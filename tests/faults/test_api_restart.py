@@ -48,13 +48,14 @@ async def test_api_killed_mid_request_client_retry_finds_the_same_order_which_co
         victor = await _login(http, "victor")
         # no worker yet: the API has started the instance and waits for it to settle
         pending = asyncio.create_task(http.post("/orders", json=body, headers=alice))
-        await until(lambda: _exists(handle), 15, "the API started the instance")
-        assert not pending.done()
+        await until(lambda: _exists(handle), 30, "the API started the instance")
         run_id = (await handle.describe()).run_id
+        in_flight = int(await _exists(handle) and not pending.done())
         first.kill()
         with pytest.raises(httpx.TransportError):
             await pending  # the client never learns whether its order was taken
-    record_figure("API SIGKILL mid-request: instances in flight", 1)
+    record_figure("API SIGKILL mid-request: instances in flight", in_flight)
+    assert in_flight == 1
 
     worker = build_worker(
         client,

@@ -1,6 +1,11 @@
 """SIGKILL of the worker in the middle of the payment: before the provider is called, and after
 it charged but before the activity answered. A new worker finishes both orders, each charged
-once. (The capture's retry comes when its 30 s start-to-close timeout expires.)"""
+once. (The capture's retry comes when its 30 s start-to-close timeout expires.)
+
+The kill must land while K-AFTER's charge is committed but unanswered and K-BEFORE's is held
+before the provider: K-BEFORE starts once K-AFTER is charged and has PAUSE_AFTER_S to reach
+the provider, however busy the machine (the two pauses together stay under the capture's 30 s
+timeout, so K-AFTER's first attempt is still the running one when the kill comes)."""
 
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from tests.faults.processes import procflow_env, until, worker_process
 from tests.support import record_figure
 from workflows.sales_order import Stage, sales_order_workflow_id
 
-PAUSE_S = 8  # how long the sandbox holds each charge open before / after it commits
+PAUSE_BEFORE_S = 8  # the sandbox holds each new charge this long before the provider call
+PAUSE_AFTER_S = 18  # ... and this long after the charge committed, before it answers
 
 
 @pytest.mark.timeout(150)
@@ -39,26 +45,27 @@ async def test_worker_killed_before_or_after_the_charge_each_order_is_charged_on
         smtp_port=str(mail_sink.port),
     )
     paused = env | {
-        "PROCFLOW_SANDBOX_PAUSE_BEFORE_CHARGE_S": str(PAUSE_S),
-        "PROCFLOW_SANDBOX_PAUSE_AFTER_CHARGE_S": str(PAUSE_S),
+        "PROCFLOW_SANDBOX_PAUSE_BEFORE_CHARGE_S": str(PAUSE_BEFORE_S),
+        "PROCFLOW_SANDBOX_PAUSE_AFTER_CHARGE_S": str(PAUSE_AFTER_S),
     }
     first = processes.start(worker_process(paused, tmp_path / "worker-1.log"))
 
     # K-AFTER charges, then its answer is held back; meanwhile K-BEFORE reaches the provider
     charged = await start(client, order("K-AFTER"), queue)
-    await until(lambda: _charged(sessions, "K-AFTER"), 40, "K-AFTER is charged")
+    await until(lambda: _charged(sessions, "K-AFTER"), 60, "K-AFTER is charged")
     not_charged = await start(client, order("K-BEFORE"), queue)
-    await until(lambda: capture_running(not_charged), PAUSE_S - 2, "K-BEFORE's capture runs")
     await until(
         lambda: _logged(first.output(), f"before charge {sales_order_workflow_id('K-BEFORE')}"),
-        2,
-        "the worker holds K-BEFORE's charge",
+        PAUSE_AFTER_S,
+        "the worker holds K-BEFORE's charge (while K-AFTER's answer is held back)",
     )
-    # the state the kill interrupts
-    assert await charges(sessions, "K-BEFORE") == 0
-    assert await capture_running(charged), "K-AFTER's capture must still be unanswered"
+    # the state the kill interrupts: both captures running, one charged, one not
+    running = [h.id for h in (charged, not_charged) if await capture_running(h)]
+    charged_before_kill = await charges(sessions, "K-BEFORE")
     first.kill()
-    record_figure("worker SIGKILL mid-payment: instances in flight", 2)
+    record_figure("worker SIGKILL mid-payment: instances in flight", len(running))
+    assert running == [charged.id, not_charged.id], "both captures must still be unanswered"
+    assert charged_before_kill == 0
 
     processes.start(worker_process(env, tmp_path / "worker-2.log"))
     results = await asyncio.wait_for(asyncio.gather(charged.result(), not_charged.result()), 90)

@@ -12,6 +12,7 @@ import pytest
 
 from tests.faults.orders import (
     capture_attempts,
+    capture_running,
     charges,
     check_nothing_lost_or_doubled,
     order,
@@ -21,7 +22,9 @@ from tests.faults.processes import procflow_env, until, worker_process
 from tests.support import record_figure
 from workflows.sales_order import Stage
 
-PAUSE_S = 3  # the charge commits, then the answer takes this long: SIGTERM arrives meanwhile
+# the charge commits, then the answer takes this long: SIGTERM arrives meanwhile (less than the
+# worker's 8 s graceful shutdown, which lets the capture finish)
+PAUSE_S = 5
 
 
 @pytest.mark.timeout(90)
@@ -45,14 +48,16 @@ async def test_worker_sigterm_finishes_the_running_payment_and_a_new_worker_comp
         )
     )
     handle = await start(client, order("G-1"), queue)
-    await until(lambda: _charged(sessions, "G-1"), 40, "G-1 is charged")
+    await until(lambda: _charged(sessions, "G-1"), 60, "G-1 is charged")
 
+    in_flight = int(await capture_running(handle))
     terminated = time.monotonic()
     old.terminate()
     processes.start(worker_process(env, tmp_path / "worker-new.log"))
-    record_figure("worker SIGTERM mid-payment: instances in flight", 1)
+    record_figure("worker SIGTERM mid-payment: instances in flight", in_flight)
+    assert in_flight == 1, "SIGTERM must arrive while the capture is unanswered"
 
-    assert await old.exited(15) == 0, old.output()[-3000:]
+    assert await old.exited(30) == 0, old.output()[-3000:]
     assert "worker shutting down" in old.output()
     result = await asyncio.wait_for(handle.result(), 60)
     took = time.monotonic() - terminated
@@ -60,8 +65,8 @@ async def test_worker_sigterm_finishes_the_running_payment_and_a_new_worker_comp
 
     assert result.stage == Stage.CLOSED
     # the old worker answered the capture itself: one attempt, no 30 s timeout, no retry
+    # (how fast the order completes is a figure, not a check: speed belongs in `make bench`)
     assert await capture_attempts(handle) == [1]
-    assert took < 20
     assert await charges(sessions, "G-1") == 1
     assert await check_nothing_lost_or_doubled(sessions, ["G-1"]) == (0, 0)
 
