@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/python -m scripts.run_stack $(RUN_ARGS)
 
+# two pytest workers (each with its own servers); a test file stays on one worker
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,) $(if $(KEEP),--keep,)

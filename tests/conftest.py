@@ -19,10 +19,12 @@ from core.temporal import AMOUNT, CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, REQU
 from scripts.mailsink import MailSink
 from scripts.migrate import upgrade
 from tests.support import (
+    ADDITIVE,
     FIGURES,
     PostgresServer,
     binary,
     free_port,
+    record_figure,
     require_postgres_bindir,
 )
 
@@ -104,6 +106,26 @@ def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
         yield sink
     finally:
         sink.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its figures to the controller, which prints them."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["procflow_figures"] = dict(FIGURES)
+        workeroutput["procflow_additive"] = sorted(ADDITIVE)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """Controller side of pytest-xdist: merge a finished worker's figures."""
+    output = getattr(node, "workeroutput", {}) or {}
+    additive = set(output.get("procflow_additive", []))
+    for name, value in output.get("procflow_figures", {}).items():
+        if name in additive and isinstance(value, int | float):
+            record_figure(name, value, add=True)
+        else:
+            FIGURES[name] = value
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -32,11 +32,13 @@ def free_port() -> int:
 
 # Figures that reliability and security tests report; printed at the end of the run.
 FIGURES: dict[str, float | int | str] = {}
+ADDITIVE: set[str] = set()  # figures that accumulate (summed across pytest-xdist workers too)
 
 
 def record_figure(name: str, value: float | int | str, *, add: bool = False) -> None:
     """Report a figure (e.g. "duplicates found"); with add=True, counts accumulate."""
     if add and isinstance(value, int | float):
+        ADDITIVE.add(name)
         current = FIGURES.get(name, 0)
         FIGURES[name] = (current if isinstance(current, int | float) else 0) + value
     else:

@@ -264,7 +264,10 @@ def recipes_for(target: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("target", "command"),
-    [("run", "-m scripts.run_stack"), ("test", "-m pytest -q $(PYTEST_ARGS)")],
+    [
+        ("run", "-m scripts.run_stack"),
+        ("test", "-m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)"),
+    ],
 )
 def test_make_target_prepares_the_virtualenv_then_runs(target: str, command: str) -> None:
     lines = recipes_for(target)

@@ -50,13 +50,10 @@ WAIT_S = 30.0  # generous bound for a projection or a mail that runs in real tim
 CUSTOMER = "buyer@acme.example"  # the customer of conftest.order()
 
 
-@pytest_asyncio.fixture
-async def skipping_env(ts_env: WorkflowEnvironment) -> AsyncIterator[WorkflowEnvironment]:
-    """The session's time-skipping server; a time-skipping server of its own when ts_env is
-    the dev server (recording histories), since these tests wait for days."""
-    if ts_env.supports_time_skipping:
-        yield ts_env
-        return
+@pytest_asyncio.fixture(scope="module")
+async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server of this module's own: time skips only while nothing else on the
+    server holds it (another file's leftovers on the shared one stalled `env.sleep`)."""
     env = await WorkflowEnvironment.start_time_skipping(
         data_converter=pydantic_data_converter,
         test_server_existing_path=binary("temporal-test-server"),
