@@ -13,22 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any, TypeVar
 
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
 
 from activities.models import PolicyDocument
 from core.roles import KNOWN_ROLES
+from core.temporal import register_search_attributes
+from tests.support import binary
 from workflows.approval import approval_chain
 from workflows.human_task import Actor
 from workflows.policy import (
@@ -297,6 +302,21 @@ def test_validation_refuses_cleanly_and_an_accepted_policy_builds_everything(doc
 
 
 # ----------------------------------------------------------------------------- the workflow
+@pytest_asyncio.fixture(scope="module")
+async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server of this module's own (the harness takes it): run beside other
+    files' tests on the session's server, an instance here sometimes never saw its time skip."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=binary("temporal-test-server"),
+    )
+    await register_search_attributes(env.client, check_existing=False)
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
 BOUND_S = 120  # generous (time is skipped; a loaded machine is slow): a failed task is seen at once
 
 
