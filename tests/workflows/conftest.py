@@ -70,15 +70,21 @@ async def ts_env():
             ui=False,
         )
     else:
-        env = await WorkflowEnvironment.start_time_skipping(
-            data_converter=pydantic_data_converter,
-            test_server_existing_path=binary("temporal-test-server"),
-        )
-        await register_search_attributes(env.client, check_existing=False)
+        env = await start_time_skipping()
     try:
         yield env
     finally:
         await env.shutdown()
+
+
+async def start_time_skipping() -> WorkflowEnvironment:
+    """A time-skipping test server with this project's search attributes (shut it down)."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=binary("temporal-test-server"),
+    )
+    await register_search_attributes(env.client, check_existing=False)
+    return env
 
 
 @dataclass

@@ -26,14 +26,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.models import PolicyDocument
 from core.roles import KNOWN_ROLES
-from core.temporal import register_search_attributes
-from tests.support import binary
 from workflows.approval import approval_chain
 from workflows.human_task import Actor
 from workflows.policy import (
@@ -54,7 +51,7 @@ from workflows.sales_order import (
     TaskView,
 )
 
-from .conftest import order
+from .conftest import order, start_time_skipping
 
 T = TypeVar("T")
 ROLES = sorted(KNOWN_ROLES)
@@ -306,11 +303,7 @@ def test_validation_refuses_cleanly_and_an_accepted_policy_builds_everything(doc
 async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
     """A time-skipping server of this module's own (the harness takes it): run beside other
     files' tests on the session's server, an instance here sometimes never saw its time skip."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter,
-        test_server_existing_path=binary("temporal-test-server"),
-    )
-    await register_search_attributes(env.client, check_existing=False)
+    env = await start_time_skipping()
     try:
         yield env
     finally:

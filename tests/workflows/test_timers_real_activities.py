@@ -21,7 +21,6 @@ import pytest_asyncio
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.mail import SmtpSender
@@ -30,11 +29,9 @@ from api.routers.tasks import decide, inbox
 from api.schemas import DecisionBody, Principal, TaskOut
 from core.db import AuditEntry, LedgerEntry, Order, TaskRow, User
 from core.settings import Settings
-from core.temporal import register_search_attributes
 from scripts.mailsink import MailSink
 from scripts.seed import seed
 from tests.faults.processes import until
-from tests.support import binary
 from worker import build_worker
 from workflows.human_task import TIMED_OUT
 from workflows.sales_order import (
@@ -44,7 +41,7 @@ from workflows.sales_order import (
     sales_order_workflow_id,
 )
 
-from .conftest import order
+from .conftest import order, start_time_skipping
 
 WAIT_S = 30.0  # generous bound for a projection or a mail that runs in real time
 CUSTOMER = "buyer@acme.example"  # the customer of conftest.order()
@@ -54,11 +51,7 @@ CUSTOMER = "buyer@acme.example"  # the customer of conftest.order()
 async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """A time-skipping server of this module's own: time skips only while nothing else on the
     server holds it (another file's leftovers on the shared one stalled `env.sleep`)."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter,
-        test_server_existing_path=binary("temporal-test-server"),
-    )
-    await register_search_attributes(env.client, check_existing=False)
+    env = await start_time_skipping()
     try:
         yield env
     finally:
