@@ -15,6 +15,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from core.db import make_engine, make_session_factory
+from scripts.run_stack import StackConfig
+from scripts.seed import seed
+
 
 def binary(name: str) -> str:
     """A command installed by the test extras (temporal, temporal-test-server)."""
@@ -174,3 +178,24 @@ class PostgresServer:
     async def drop_database(self, url: str) -> None:
         name = url.rsplit("/", 1)[1]
         await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_config(data_dir: Path) -> StackConfig:
+    """A stack configuration on free loopback ports and data_dir (for supervisor tests)."""
+    return StackConfig(
+        temporal_port=free_port(),
+        ui_port=free_port(),
+        api_port=free_port(),
+        smtp_port=free_port(),
+        data_dir=data_dir,
+    )
+
+
+async def seed_database(url: str) -> str:
+    """Fill a migrated database with the demo users, policy and stock; returns its url."""
+    engine = make_engine(url)
+    try:
+        await seed(make_session_factory(engine))
+    finally:
+        await engine.dispose()
+    return url

@@ -22,6 +22,7 @@ from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, connect, indexed_value_type
 from scripts import run_stack
 from scripts.run_stack import Stack, StackConfig, StackError
+from tests.support import free_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,16 +31,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def free_config(data_dir: Path) -> StackConfig:
-    return StackConfig(
-        temporal_port=free_port(),
-        ui_port=free_port(),
-        api_port=free_port(),
-        smtp_port=free_port(),
-        data_dir=data_dir,
-    )
 
 
 def port_args(config: StackConfig) -> list[str]:

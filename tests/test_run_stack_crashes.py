@@ -21,7 +21,7 @@ import pytest
 
 from scripts.run_stack import PID_FILE, ChildRecord, StackConfig, read_pid_file, write_pid_file
 from scripts.seed import DEMO_PASSWORD
-from tests.support import free_port
+from tests.support import free_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_RUNNING = ("mail", "temporal", "worker", "api")
@@ -56,16 +56,6 @@ def accepts(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_config(data_dir: Path) -> StackConfig:
-    return StackConfig(
-        temporal_port=free_port(),
-        ui_port=free_port(),
-        api_port=free_port(),
-        smtp_port=free_port(),
-        data_dir=data_dir,
-    )
 
 
 class Supervisor:

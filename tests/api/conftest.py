@@ -18,11 +18,10 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
-from core.db import make_engine, make_session_factory
 from core.settings import Settings
 from scripts.mailsink import MailSink
-from scripts.seed import DEMO_PASSWORD, seed
-from tests.support import free_port
+from scripts.seed import DEMO_PASSWORD
+from tests.support import free_port, seed_database
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -43,12 +42,7 @@ def task_queue() -> str:
 @pytest_asyncio.fixture
 async def db_url(db_url: str) -> str:
     """The migrated database of tests/conftest.py, seeded with the demo users and stock."""
-    engine = make_engine(db_url)
-    try:
-        await seed(make_session_factory(engine))
-    finally:
-        await engine.dispose()
-    return db_url
+    return await seed_database(db_url)
 
 
 @pytest.fixture

@@ -40,8 +40,8 @@ from api.app import create_app
 from core.db import Order, OutboxMessage, StockItem, make_engine, make_session_factory
 from core.settings import Settings
 from scripts.mailsink import MailSink
-from scripts.seed import seed
 from tests.api.conftest import Api, order_body
+from tests.support import seed_database
 from workflows.sales_order import sales_order_workflow_id
 
 # ------------------------------------------------------------------------------ the spell
@@ -239,12 +239,7 @@ async def test_a_dispatcher_whose_mark_failed_marks_first_and_sends_each_mail_on
 
 @pytest_asyncio.fixture
 async def seeded_url(db_url: str) -> str:
-    engine = make_engine(db_url)
-    try:
-        await seed(make_session_factory(engine))
-    finally:
-        await engine.dispose()
-    return db_url
+    return await seed_database(db_url)
 
 
 @pytest.fixture
