@@ -154,6 +154,7 @@ async def main(settings: Settings) -> None:
             sender,
             poll_s=settings.mail_poll_s,
             batch_size=settings.mail_batch_size,
+            lease_s=settings.mail_lease_s,
             max_backoff_s=settings.mail_max_backoff_s,
             max_attempts=settings.mail_max_attempts,
             max_transient_attempts=settings.mail_max_transient_attempts,

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         "also woken at once when its own worker queues mail)",
     )
     mail_batch_size: int = Field(50, ge=1, description="outbox rows claimed per SMTP session")
+    mail_lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="a claimed outbox row is left to its dispatcher this long; a dispatcher that "
+        "dies holding it (worker killed) lets another send it once the lease ends (at least once)",
+    )
     mail_max_backoff_s: float = Field(
         600.0, gt=0, description="longest wait before retrying a mail the SMTP server refused"
     )

@@ -73,6 +73,8 @@ def worker_process(dev_env, database, mail_sink, tmp_path):
             "PROCFLOW_DATABASE_URL": url,
             "PROCFLOW_SMTP_HOST": "127.0.0.1",
             "PROCFLOW_SMTP_PORT": str(mail_sink.port),
+            # a mail the killed worker had claimed goes out after this lease, not a minute later
+            "PROCFLOW_MAIL_LEASE_S": "3",
         }
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")
