@@ -50,13 +50,68 @@ class OrderRecord(BaseModel):
 
 
 class StageChange(BaseModel):
-    """Update the order's stage in the read model (idempotent: last write by revision wins)."""
+    """Update the order's stage in the read model (idempotent: last write by revision wins).
+
+    Written by sales orders before the instance read model; an instance's stage now travels in
+    `InstanceRecord` and each entry into a stage in `StageVisitRecord`. Kept so that batches of
+    instances running older code still apply."""
 
     order_no: str
     stage: str
     revision: int
     special_change: bool = False
     at: datetime
+
+
+InstanceStatus = Literal["running", "completed", "failed", "cancelled", "terminated"]
+
+
+class InstanceRecord(BaseModel):
+    """The whole projection of one process instance (`process_instances`): upserted, never
+    older over newer (revision). Any process type, code or blueprint."""
+
+    workflow_id: str
+    process_type: str
+    business_key: str
+    definition_kind: Literal["code", "blueprint"] = "code"
+    definition_version: str = Field("", description="blueprint content hash; '' for code")
+    policy_version: int | None = None
+    stage: str
+    status: InstanceStatus = "running"
+    requester: str
+    owner_role: str | None = None
+    started_at: datetime
+    stage_entered_at: datetime
+    closed_at: datetime | None = None
+    revision: int
+    summary: dict[str, Any] = Field(
+        default_factory=dict, description="small listable fields (customer, amount, ...)"
+    )
+
+
+class StageVisitRecord(BaseModel):
+    """One entry into a stage (`stage_visits`), keyed by (workflow id, seq): written when the
+    stage is entered and again when it is left (left_at, outcome, by)."""
+
+    workflow_id: str
+    seq: int = Field(ge=1, description="the instance's count of stage entries, from the workflow")
+    stage: str
+    entered_at: datetime
+    left_at: datetime | None = None
+    outcome: str | None = None
+    by: str | None = None
+
+
+class SlaEventRecord(BaseModel):
+    """A reminder, escalation or breach (`sla_events`), keyed by event_key (written once)."""
+
+    event_key: str = Field(description="idempotency key: workflow id + event sequence")
+    workflow_id: str
+    task_id: str | None = None
+    sla: str = Field(description="the task's name or the SLA's name")
+    kind: Literal["reminded", "escalated", "breached"]
+    at: datetime
+    details: dict[str, Any] = Field(default_factory=dict)
 
 
 class TaskSnapshot(BaseModel):
@@ -108,8 +163,11 @@ class Notification(BaseModel):
 class ProjectionBatch(BaseModel):
     """Several read-model writes, and the mails of the step, applied in one transaction."""
 
-    order: OrderRecord | None = None
-    stage: StageChange | None = None
+    instance: InstanceRecord | None = None
+    visits: list[StageVisitRecord] = Field(default_factory=list)
+    sla_events: list[SlaEventRecord] = Field(default_factory=list)
+    order: OrderRecord | None = None  # the sales order's extension row (and its lines)
+    stage: StageChange | None = None  # older sales-order code only
     tasks: list[TaskSnapshot] = Field(default_factory=list)
     audit: list[AuditRecord] = Field(default_factory=list)
     mails: list[Notification] = Field(default_factory=list)  # queued in the outbox
