@@ -17,13 +17,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.exceptions import ApplicationError
 
-# Error types that validators raise; the API maps them to HTTP status codes.
-TASK_NOT_FOUND = "TaskNotFound"  # 404
-TASK_CLOSED = "TaskClosed"  # 409
-NOT_PERMITTED = "NotPermitted"  # 403
-FOUR_EYES = "FourEyesViolation"  # 403
-INVALID_DECISION = "InvalidDecision"  # 422
-CONFLICT = "Conflict"  # 409
+# Error types that validators raise (the API maps them): defined in workflows.errors
+from workflows.errors import CONFLICT as CONFLICT
+from workflows.errors import FOUR_EYES as FOUR_EYES
+from workflows.errors import INVALID_DECISION as INVALID_DECISION
+from workflows.errors import NOT_PERMITTED as NOT_PERMITTED
+from workflows.errors import TASK_CLOSED as TASK_CLOSED
+from workflows.errors import TASK_NOT_FOUND as TASK_NOT_FOUND
+from workflows.errors import refuse as _refuse
 
 MANAGER_ROLE = "manager"
 SYSTEM_ACTOR = "system"
@@ -33,7 +34,10 @@ WITHDRAWN = "withdrawn"
 # an update echoes back, stay small however often it is claimed and released.
 HISTORY_KEPT = 50
 
-TaskKind = Literal["approval", "acknowledgement", "payment", "settlement"]
+# A task's kind is data: a name the process declares (`HumanProcess.TASK_KINDS`), checked when
+# the task opens. "approval" tasks also follow the four-eyes rule across one instance.
+TaskKind = str
+APPROVAL_KIND = "approval"
 
 
 class Actor(BaseModel):
@@ -52,17 +56,36 @@ class TaskEvent(BaseModel):
     detail: str = ""
 
 
+class Escalation(BaseModel):
+    """One level of escalation: `after` the task opened, `to_role` may act too."""
+
+    after: timedelta
+    to_role: str
+
+
 class TaskTimes(BaseModel):
+    """Durations from the task's opening. `escalations`, when given, are every level (stacked,
+    in time order) and replace `escalate_after`/`escalation_role` (one level)."""
+
     remind_after: timedelta | None = None
     escalate_after: timedelta | None = None
     deadline: timedelta | None = None
     escalation_role: str | None = None
+    escalations: list[Escalation] = Field(default_factory=list)
+
+
+class EscalationLevel(BaseModel):
+    """A level after the first, with its absolute due time (computed when the task opened)."""
+
+    at: datetime
+    to_role: str
+    fired: bool = False
 
 
 class HumanTask(BaseModel):
     task_id: str
     name: str
-    kind: TaskKind
+    kind: str
     candidate_roles: list[str]
     assignee: str | None = None
     outcomes: list[str]
@@ -76,6 +99,9 @@ class HumanTask(BaseModel):
     escalate_at: datetime | None = None
     deadline_at: datetime | None = None
     escalation_role: str | None = None
+    escalations: list[EscalationLevel] = Field(
+        default_factory=list, description="levels after the first (escalate_at, escalation_role)"
+    )
     reminded: bool = False
     escalated: bool = False
     status: Literal["open", "closed"] = "open"
@@ -129,10 +155,6 @@ _PAST = MappingProxyType(
 Due = tuple[datetime, Literal["remind", "escalate", "deadline"], HumanTask]
 
 
-def _refuse(type_: str, message: str) -> ApplicationError:
-    return ApplicationError(message, type=type_, non_retryable=True)
-
-
 class TaskBoard:
     """All human tasks of one instance, keyed by id, in creation order."""
 
@@ -154,7 +176,7 @@ class TaskBoard:
         self,
         *,
         name: str,
-        kind: TaskKind,
+        kind: str,
         candidate_roles: Sequence[str],
         outcomes: Sequence[str],
         now: datetime,
@@ -163,6 +185,8 @@ class TaskBoard:
         four_eyes: bool = True,
     ) -> HumanTask:
         self._seq += 1
+        first: Escalation | None = times.escalations[0] if times.escalations else None
+        escalate_after = first.after if first else times.escalate_after
         task = HumanTask(
             task_id=f"{self.key_prefix}.t{self._seq}",
             name=name,
@@ -174,9 +198,12 @@ class TaskBoard:
             four_eyes=four_eyes,
             created_at=now,
             remind_at=now + times.remind_after if times.remind_after else None,
-            escalate_at=now + times.escalate_after if times.escalate_after else None,
+            escalate_at=now + escalate_after if escalate_after else None,
             deadline_at=now + times.deadline if times.deadline else None,
-            escalation_role=times.escalation_role,
+            escalation_role=first.to_role if first else times.escalation_role,
+            escalations=[
+                EscalationLevel(at=now + e.after, to_role=e.to_role) for e in times.escalations[1:]
+            ],
             history=[TaskEvent(at=now, actor=SYSTEM_ACTOR, action="opened")],
         )
         self.tasks[task.task_id] = task
@@ -217,7 +244,7 @@ class TaskBoard:
         return [
             t.decided_by
             for t in self.tasks.values()
-            if t.kind == "approval"
+            if t.kind == APPROVAL_KIND
             and t.task_id != task.task_id
             and t.decided_by
             and t.decided_by != SYSTEM_ACTOR
@@ -227,7 +254,11 @@ class TaskBoard:
         """username may finally decide task: not the requester, not an earlier approver of this
         instance, and holding one of its candidate roles (the escalation role once escalated)."""
         self._check_four_eyes(task, username)
-        if task.four_eyes and task.kind == "approval" and username in self.earlier_approvers(task):
+        if (
+            task.four_eyes
+            and task.kind == APPROVAL_KIND
+            and username in self.earlier_approvers(task)
+        ):
             raise _refuse(
                 FOUR_EYES,
                 f"{username} already decided an earlier approval of this process; "
@@ -382,6 +413,7 @@ class TaskBoard:
             candidates: list[tuple[datetime | None, Literal["remind", "escalate", "deadline"]]] = [
                 (None if t.reminded else t.remind_at, "remind"),
                 (None if t.escalated else t.escalate_at, "escalate"),
+                *[(None if e.fired else e.at, "escalate") for e in t.escalations],
                 (t.deadline_at, "deadline"),
             ]
             for when, kind in candidates:
@@ -389,14 +421,21 @@ class TaskBoard:
                     best = (when, kind, t)
         return best
 
-    def escalate(self, task: HumanTask, now: datetime) -> None:
-        task.escalated = True
-        role = task.escalation_role
+    def escalate(self, task: HumanTask, now: datetime) -> str | None:
+        """Fire the task's next escalation level: its role may act too. Returns the role."""
+        if not task.escalated:
+            task.escalated = True
+            role = task.escalation_role
+        else:
+            level = next(e for e in task.escalations if not e.fired)
+            level.fired = True
+            role = level.to_role
         if role and role not in task.candidate_roles:
             task.candidate_roles.append(role)
         self._log(
             task, TaskEvent(at=now, actor=SYSTEM_ACTOR, action="escalated", detail=f"to {role}")
         )
+        return role
 
     def remind(self, task: HumanTask, now: datetime) -> None:
         task.reminded = True

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, Self, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import (
     AfterValidator,
@@ -37,7 +37,7 @@ from temporalio import workflow
 
 from core.roles import KNOWN_ROLES
 from workflows.approval import approval_chain
-from workflows.human_task import TaskTimes
+from workflows.human_task import Escalation, TaskTimes
 
 with workflow.unsafe.imports_passed_through():
     # its database is read from files, which the sandbox forbids: read it once, outside
@@ -154,9 +154,11 @@ TierName = Annotated[
 class PolicyModel(BaseModel):
     """Base of policy documents and their parts: unknown keys refused; in strict mode (the
     validation context of `validate_policy(..., strict=True)`) every key must be given, but
-    those whose default is None (nothing to fill)."""
+    those whose default is None (nothing to fill) and those `REPLACED_BY` a key that is given."""
 
     model_config = ConfigDict(extra="forbid")
+    # key -> the key that, when given, stands for it (strict mode does not require it then)
+    REPLACED_BY: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     @model_validator(mode="wrap")
     @classmethod
@@ -168,7 +170,10 @@ class PolicyModel(BaseModel):
         errors = [
             InitErrorDetails(type="missing", loc=(name,), input=data)
             for name, f in cls.model_fields.items()
-            if name not in data and not f.is_required() and f.default is not None
+            if name not in data
+            and not f.is_required()
+            and f.default is not None
+            and cls.REPLACED_BY.get(name) not in data
         ]
         if not errors:
             return handler(data)
@@ -206,17 +211,55 @@ class ApprovalTier(PolicyModel):
         return self
 
 
+class EscalationStep(PolicyModel):
+    """One level of a task's escalation: `after` the task opened, `to_role` may act too."""
+
+    after: Duration
+    to_role: RoleName
+
+
 class TaskTimers(PolicyModel):
-    """When a human task reminds, escalates (SLA) and finally times out."""
+    """When a human task reminds, escalates (SLA) and finally times out.
+
+    Escalation is `escalate_after` + `escalation_role` (one level), or `escalations`: levels
+    stacked in time order, each firing at its own time and widening the candidate roles to
+    its role (`escalate_after`/`escalation_role` then follow its first level)."""
+
+    REPLACED_BY: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"escalate_after": "escalations", "escalation_role": "escalations"}
+    )
 
     remind_after: Duration = timedelta(days=1)
     escalate_after: Duration = timedelta(days=2)
     deadline: Duration = timedelta(days=7)
     escalation_role: RoleName = "manager"
+    escalations: list[EscalationStep] | None = Field(
+        None, min_length=1, max_length=MAX_ROLES, description="levels, earliest first"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
         errors = []
+        if self.escalations:
+            first = self.escalations[0]
+            for key, value in (("escalate_after", first.after), ("escalation_role", first.to_role)):
+                if key in self.model_fields_set and getattr(self, key) != value:
+                    message = f"{key} ({getattr(self, key)}) differs from the first level of "
+                    message += f"escalations ({value}): give one of them"
+                    errors.append(_error((key,), "escalation_conflict", message, value))
+            self.escalate_after, self.escalation_role = first.after, first.to_role
+            for i in range(1, len(self.escalations)):
+                before, level = self.escalations[i - 1], self.escalations[i]
+                if level.after <= before.after:
+                    message = f"after ({level.after}) must be longer than the previous level's "
+                    message += f"({before.after}): levels go earliest first"
+                    errors.append(_error(("escalations", i, "after"), "timer_order", message, 0))
+            last = self.escalations[-1].after
+            if last > self.deadline:
+                message = f"the last level ({last}) must not be later than deadline "
+                message += f"({self.deadline})"
+                loc = ("escalations", len(self.escalations) - 1, "after")
+                errors.append(_error(loc, "timer_order", message, last))
         if self.remind_after >= self.escalate_after:
             errors.append(
                 _error(
@@ -227,7 +270,7 @@ class TaskTimers(PolicyModel):
                     self.remind_after,
                 )
             )
-        if self.escalate_after > self.deadline:
+        if not self.escalations and self.escalate_after > self.deadline:
             errors.append(
                 _error(
                     ("escalate_after",),
@@ -244,11 +287,16 @@ class TaskTimers(PolicyModel):
 
     def task_times(self) -> TaskTimes:
         """What `TaskBoard.open` takes: the same durations and escalation role."""
+        levels = self.escalations or []
         return TaskTimes(
             remind_after=self.remind_after,
             escalate_after=self.escalate_after,
             deadline=self.deadline,
             escalation_role=self.escalation_role,
+            # one level: exactly today's times (and commands)
+            escalations=[Escalation(after=e.after, to_role=e.to_role) for e in levels]
+            if len(levels) > 1
+            else [],
         )
 
 

@@ -4,7 +4,9 @@
   `project` local activity per step (mails are queued in the outbox in the same transaction;
   the worker's mail dispatcher sends them);
 - the PendingRoles search attribute and the instance's current details kept current;
-- waiting for a condition while firing task timers (reminder, escalation, deadline);
+- waiting for a condition while firing every due time: task timers (reminder, escalation
+  levels, deadline) from the board, and stage/process SLAs and waits until an instant from
+  the `Deadlines` block beside it (each an absolute instant, computed when it started);
 - "settling": an update handler that changed something waits until the main loop has acted on
   it and is waiting again, so the caller's response already reflects the process's next state
   (and the next task is already in the inbox).
@@ -14,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
 
@@ -29,6 +31,8 @@ with workflow.unsafe.imports_passed_through():
         StageChange,
         TaskSnapshot,
     )
+    from activities.notifications import NotificationActivities
+    from activities.records import RecordActivities
     from core.temporal import PENDING_ROLES
 
 from workflows.human_task import HumanTask, TaskBoard
@@ -40,6 +44,8 @@ from workflows.human_task import HumanTask, TaskBoard
 # before it settles them. Instances started before keep the old commands
 # for their whole life (tests/histories replay both).
 LOCAL_PROJECTION = "local-projection-outbox"
+A = TypeVar("A")
+R = TypeVar("R")
 BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
 
 
@@ -53,6 +59,38 @@ def local_retry() -> RetryPolicy:
     )
 
 
+class DueTime(BaseModel):
+    """A due time that is no task's: a stage or process SLA, or a wait until an instant.
+    `at` is absolute, computed when it started (a business calendar computes it the same way)."""
+
+    name: str
+    kind: Literal["sla", "until"]
+    at: datetime
+    fired: bool = False
+
+
+class Deadlines:
+    """The instance's due times beside its task board, by name, in start order."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, DueTime] = {}
+
+    def start(self, name: str, kind: Literal["sla", "until"], at: datetime) -> DueTime:
+        due = DueTime(name=name, kind=kind, at=at)
+        self.items[name] = due
+        return due
+
+    def stop(self, name: str) -> None:
+        self.items.pop(name, None)
+
+    def next_due(self) -> DueTime | None:
+        best: DueTime | None = None
+        for d in self.items.values():
+            if not d.fired and (best is None or d.at < best.at):
+                best = d
+        return best
+
+
 class RuntimeCarry(BaseModel):
     """What the runtime carries into the next run of an instance (continue-as-new)."""
 
@@ -60,15 +98,20 @@ class RuntimeCarry(BaseModel):
     task_seq: int
     audit_count: int
     revision: int
+    deadlines: list[DueTime] = Field(default_factory=list)
 
 
 class Stop(Exception):
     """Ends a process early as business (rejected, cancelled, failed) - never a failed workflow."""
 
-    def __init__(self, stage: Any, reason: str) -> None:
+    def __init__(self, stage: str, reason: str) -> None:
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
+
+
+# what `ProcessRuntime.wait` hands its timer callback: a task's timer, or a due time
+TimerCallback = Callable[[str, "HumanTask | DueTime"], Awaitable[None]]
 
 
 class ProcessRuntime:
@@ -79,6 +122,7 @@ class ProcessRuntime:
         self.process_type = process_type
         self.business_key = business_key
         self.board = TaskBoard(workflow_id, requester)
+        self.deadlines = Deadlines()
         self.batch = ProjectionBatch()
         self.stage: StageChange | None = None
         self.audit_count = 0  # entries so far (they live in the read model, not in memory)
@@ -103,6 +147,7 @@ class ProcessRuntime:
             task_seq=self.board._seq,
             audit_count=self.audit_count,
             revision=self.revision,
+            deadlines=list(self.deadlines.items.values()),
         )
 
     def restore(self, carry: RuntimeCarry) -> None:
@@ -110,6 +155,7 @@ class ProcessRuntime:
         self.board._seq = carry.task_seq
         self.audit_count = carry.audit_count
         self.revision = carry.revision
+        self.deadlines.items = {d.name: d for d in carry.deadlines}
 
     # ------------------------------------------------------------------ projection
     def task_changed(self, task: HumanTask) -> None:
@@ -171,6 +217,8 @@ class ProcessRuntime:
             self._upserts = {}
         batch, self.batch = self.batch, ProjectionBatch()
         batch.stage, self.stage = self.stage, None
+        # the instance record, visits and SLA events ride with the step's other writes; alone
+        # they start no activity (an extra command would break the replay of older histories)
         if (
             batch.order is None
             and batch.stage is None
@@ -184,26 +232,24 @@ class ProcessRuntime:
             + (f", stage {batch.stage.stage}" if batch.stage else "")
             + (f", {len(batch.mails)} mail(s)" if batch.mails else "")
         )
-        await self.bookkeeping("project", batch, summary=summary)
+        await self.bookkeeping(RecordActivities.project, batch, summary=summary)
 
     async def bookkeeping(
-        self, activity: str, arg: Any, *, summary: str, result_type: type | None = None
-    ) -> Any:
+        self, activity: Callable[[Any, A], Awaitable[R]], arg: A, *, summary: str
+    ) -> R:
         """Run a quick records activity (projection, policy lookup): local, inside the workflow
         task, for newer instances; an ordinary activity for older ones."""
         if self.local:
-            return await workflow.execute_local_activity(
+            return await workflow.execute_local_activity_method(
                 activity,
                 arg,
-                result_type=result_type,
                 start_to_close_timeout=BOOKKEEPING_TIMEOUT,
                 retry_policy=local_retry(),
                 summary=summary,
             )
-        return await workflow.execute_activity(
+        return await workflow.execute_activity_method(
             activity,
             arg,
-            result_type=result_type,
             start_to_close_timeout=BOOKKEEPING_TIMEOUT,
             summary=summary,
         )
@@ -228,8 +274,8 @@ class ProcessRuntime:
         if self.local:
             self.batch.mails.append(note)
             return
-        await workflow.execute_activity(
-            "notify",
+        await workflow.execute_activity_method(
+            NotificationActivities.notify,
             note,
             start_to_close_timeout=timedelta(seconds=30),
             summary=f"mail: {note.subject}",
@@ -240,14 +286,14 @@ class ProcessRuntime:
         self,
         condition: Callable[[], bool],
         describe: Callable[[], str],
-        on_timer: Callable[[str, HumanTask], Awaitable[None]],
+        on_timer: TimerCallback,
         interrupted: Callable[[], bool],
     ) -> None:
         while not condition() and not interrupted():
             await self.flush()  # the read model is current whenever the instance waits
             if condition() or interrupted():
                 break
-            due = self.board.next_due()
+            due = self._next_due()
             workflow.set_current_details(describe())
             self._settled = self._events
             self._waited = True
@@ -282,6 +328,14 @@ class ProcessRuntime:
             except TimeoutError:
                 assert due is not None
                 await on_timer(due[1], due[2])
+
+    def _next_due(self) -> tuple[datetime, str, HumanTask | DueTime] | None:
+        """The earliest due time of the board and the deadlines (a task's first on a tie)."""
+        task = self.board.next_due()
+        other = self.deadlines.next_due()
+        if other is not None and (task is None or other.at < task[0]):
+            return other.at, other.kind, other
+        return task
 
     # ------------------------------------------------------------------ settling
     def changed(self) -> int:
