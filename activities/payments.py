@@ -42,13 +42,37 @@ class ProviderUnavailableError(Exception):
 
 
 class PaymentProvider(Protocol):
+    """`workflow_id` names the instance the money belongs to (the ledger is keyed by it)."""
+
     async def charge(
-        self, key: str, order_no: str, customer_id: str, amount: Decimal, currency: str
+        self,
+        key: str,
+        order_no: str,
+        customer_id: str,
+        amount: Decimal,
+        currency: str,
+        *,
+        workflow_id: str | None = None,
     ) -> str: ...
 
     async def refund(
-        self, key: str, order_no: str, original_key: str, amount: Decimal, currency: str
+        self,
+        key: str,
+        order_no: str,
+        original_key: str,
+        amount: Decimal,
+        currency: str,
+        *,
+        workflow_id: str | None = None,
     ) -> str: ...
+
+
+def _workflow_id() -> str | None:
+    """The workflow id of the running activity (None outside an activity)."""
+    try:
+        return activity.info().workflow_id
+    except RuntimeError:  # not in an activity context
+        return None
 
 
 def _ref(prefix: str, key: str) -> str:
@@ -112,7 +136,14 @@ class SandboxPaymentProvider:
             raise ProviderUnavailableError("sandbox provider unavailable")
 
     async def charge(
-        self, key: str, order_no: str, customer_id: str, amount: Decimal, currency: str
+        self,
+        key: str,
+        order_no: str,
+        customer_id: str,
+        amount: Decimal,
+        currency: str,
+        *,
+        workflow_id: str | None = None,
     ) -> str:
         self._maybe_outage()
         existing = await _ledger_row(self.session_factory, key)
@@ -128,6 +159,7 @@ class SandboxPaymentProvider:
             LedgerEntry(
                 idempotency_key=key,
                 order_no=order_no,
+                workflow_id=workflow_id,
                 kind="charge",
                 amount=amount,
                 currency=currency,
@@ -142,7 +174,14 @@ class SandboxPaymentProvider:
         return entry.provider_ref
 
     async def refund(
-        self, key: str, order_no: str, original_key: str, amount: Decimal, currency: str
+        self,
+        key: str,
+        order_no: str,
+        original_key: str,
+        amount: Decimal,
+        currency: str,
+        *,
+        workflow_id: str | None = None,
     ) -> str:
         self._maybe_outage()
         existing = await _ledger_row(self.session_factory, key)
@@ -170,6 +209,7 @@ class SandboxPaymentProvider:
             LedgerEntry(
                 idempotency_key=key,
                 order_no=order_no,
+                workflow_id=workflow_id,
                 kind="refund",
                 original_key=original_key,
                 amount=amount,
@@ -205,6 +245,7 @@ class PaymentActivities:
                 request.customer_id,
                 request.amount,
                 request.currency,
+                workflow_id=_workflow_id(),
             )
         except PaymentDeclinedError as err:
             activity.logger.info("charge %s declined: %s", request.idempotency_key, err)
@@ -231,6 +272,7 @@ class PaymentActivities:
                 request.original_key,
                 request.amount,
                 request.currency,
+                workflow_id=_workflow_id(),
             )
         except PaymentDeclinedError as err:
             activity.logger.info("refund %s refused: %s", request.idempotency_key, err)
@@ -255,6 +297,7 @@ class PaymentActivities:
             LedgerEntry(
                 idempotency_key=key,
                 order_no=payment.order_no,
+                workflow_id=_workflow_id(),
                 kind="incoming",
                 amount=payment.amount,
                 currency=payment.currency,

@@ -1,4 +1,5 @@
-"""The read model follows instances that end abnormally: terminated, timed out, failed, canceled.
+"""The read model follows instances that Temporal closes: abnormally (terminated, timed out,
+failed, canceled), and completed ones whose instance row still says running.
 
 The read model (orders, tasks, audit trail) is written by the workflows themselves, through the
 `project` activity (activities/records.py). An instance that Temporal ends from outside (an
@@ -7,11 +8,15 @@ failure) never projects its end: its order stayed in its last stage and its open
 in every inbox. The `ReadModelReconciler` runs beside each worker, like the mail dispatcher:
 each round it asks Temporal visibility for this project's executions that closed abnormally
 since its watermark, and `apply_abnormal_end` writes each end into the read model once:
+- the instance's row (`process_instances`, any process type) gets the status of the close and
+  its close time, and the stage visit it sat in is left then, with the end as its outcome;
 - the instance's open tasks are closed with outcome "aborted" at the close time, at revision
   `FINAL_REVISION`, so that a late snapshot of the workflow (lower revision) cannot reopen them;
 - its order's stage says what happened ("terminated", "timed_out", "failed", "canceled"),
   unless the order had already reached a final stage of its own (e.g. closed);
 - an audit entry (actor "system", action "instance_ended") keyed by workflow and run.
+An execution that completed closes its instance row too (`apply_completion`), should the
+workflow not have projected its end itself (older code projects stages, not statuses).
 Every write is conditional (UPDATE ... WHERE status = 'open', INSERT ... ON CONFLICT DO
 NOTHING), so any number of reconcilers may apply one end at once, on SQLite and PostgreSQL,
 and the later ones change nothing.
@@ -33,7 +38,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities.background import BackgroundLoop
 from activities.records import _insert_or_ignore
-from core.db import AuditEntry, Order, TaskRow, utcnow
+from core.db import AuditEntry, Order, ProcessInstance, StageVisit, TaskRow, utcnow
 from core.temporal import PROCESS_TYPE
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,16 @@ _VISIBILITY_STATUS: dict[WorkflowExecutionStatus, str] = {
     WorkflowExecutionStatus.FAILED: "Failed",
     WorkflowExecutionStatus.CANCELED: "Canceled",
 }
+# the status of the instance row (activities/models.py InstanceStatus) for each close status;
+# a timed-out execution failed (the statuses a process projects have no "timed out")
+INSTANCE_STATUS: dict[WorkflowExecutionStatus, str] = {
+    WorkflowExecutionStatus.COMPLETED: "completed",
+    WorkflowExecutionStatus.TERMINATED: "terminated",
+    WorkflowExecutionStatus.TIMED_OUT: "failed",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+}
+RUNNING = "running"
 ABORTED = "aborted"  # the outcome of a task whose instance ended before it was decided
 ENDED_ACTION = "instance_ended"
 SYSTEM_ACTOR = "system"
@@ -85,10 +100,32 @@ class Applied:
     order_no: str | None = None  # the order whose stage was set
     tasks_closed: list[str] = field(default_factory=list)
     audited: bool = False
+    instance_closed: bool = False  # the instance row went from running to the end's status
 
     @property
     def changed(self) -> bool:
-        return self.order_no is not None or bool(self.tasks_closed) or self.audited
+        return (
+            self.order_no is not None
+            or bool(self.tasks_closed)
+            or self.audited
+            or self.instance_closed
+        )
+
+
+async def _close_instance(
+    session: AsyncSession, workflow_id: str, status: WorkflowExecutionStatus, closed_at: datetime
+) -> bool:
+    """The instance row, still running and not written after the close (a later run's), takes
+    the close's status and time; whether it did."""
+    closed = await session.scalar(
+        update(ProcessInstance)
+        .where(ProcessInstance.workflow_id == workflow_id, ProcessInstance.status == RUNNING)
+        .where(ProcessInstance.updated_at <= closed_at)
+        .values(status=INSTANCE_STATUS[status], closed_at=closed_at, updated_at=closed_at)
+        .returning(ProcessInstance.workflow_id)
+        .execution_options(synchronize_session=False)
+    )
+    return closed is not None
 
 
 async def apply_abnormal_end(
@@ -104,11 +141,13 @@ async def apply_abnormal_end(
     belongs to a later run of the same workflow id and is left alone. An order already in one
     of `final_stages` keeps it. The audit entry is written only when the read model knows the
     instance (a database of another deployment on the same Temporal namespace gets nothing).
-    Statements run in the order `project` takes its locks (order, tasks, audit).
+    Statements run in the order `project` takes its locks (instance, order, visits, tasks,
+    audit).
     """
     wid = end.workflow_id
     keep = sorted({*ENDED_STAGES.values(), *final_stages})
     async with session_factory.begin() as session:
+        instance_closed = await _close_instance(session, wid, end.status, end.closed_at)
         order_no = await session.scalar(
             update(Order)
             .where(Order.workflow_id == wid, Order.stage.not_in(keep))
@@ -117,6 +156,14 @@ async def apply_abnormal_end(
             .returning(Order.order_no)
             .execution_options(synchronize_session=False)
         )
+        if instance_closed:  # it sits in no stage any more
+            await session.execute(
+                update(StageVisit)
+                .where(StageVisit.workflow_id == wid, StageVisit.left_at.is_(None))
+                .where(StageVisit.entered_at <= end.closed_at)
+                .values(left_at=end.closed_at, outcome=end.stage, by=SYSTEM_ACTOR)
+                .execution_options(synchronize_session=False)
+            )
         closed = (
             await session.scalars(
                 update(TaskRow)
@@ -133,7 +180,7 @@ async def apply_abnormal_end(
             )
         ).all()
         audited = False
-        if order_no is not None or closed or await _known(session, end):
+        if instance_closed or order_no is not None or closed or await _known(session, end):
             audited = (
                 await session.scalar(
                     _insert_or_ignore(session, AuditEntry)
@@ -149,6 +196,7 @@ async def apply_abnormal_end(
                             "run_id": end.run_id,
                             "stage": end.stage,
                             "order_no": order_no,
+                            "instance_closed": instance_closed,
                             "tasks_closed": sorted(closed),
                         },
                         at=end.closed_at,
@@ -156,26 +204,52 @@ async def apply_abnormal_end(
                     .returning(AuditEntry.id)
                 )
             ) is not None
-    return Applied(end=end, order_no=order_no, tasks_closed=sorted(closed), audited=audited)
+    return Applied(
+        end=end,
+        order_no=order_no,
+        tasks_closed=sorted(closed),
+        audited=audited,
+        instance_closed=instance_closed,
+    )
+
+
+async def apply_completion(
+    session_factory: async_sessionmaker, workflow_id: str, closed_at: datetime
+) -> bool:
+    """Close the instance row of an execution that completed, if it still says running (its
+    workflow projected stages but not its end); whether it changed. Idempotent."""
+    async with session_factory.begin() as session:
+        return await _close_instance(
+            session, workflow_id, WorkflowExecutionStatus.COMPLETED, closed_at
+        )
 
 
 async def _known(session: AsyncSession, end: AbnormalEnd) -> bool:
-    """Whether this database holds an order or a task of the ended run."""
-    order = exists().where(Order.workflow_id == end.workflow_id, Order.created_at <= end.closed_at)
-    task = exists().where(
-        TaskRow.workflow_id == end.workflow_id, TaskRow.created_at <= end.closed_at
+    """Whether this database holds an instance, an order or a task of the ended run."""
+    wid, at = end.workflow_id, end.closed_at
+    instance = exists().where(ProcessInstance.workflow_id == wid, ProcessInstance.started_at <= at)
+    order = exists().where(Order.workflow_id == wid, Order.created_at <= at)
+    task = exists().where(TaskRow.workflow_id == wid, TaskRow.created_at <= at)
+    return any([bool(await session.scalar(select(e))) for e in (instance, order, task)])
+
+
+def _closed_query(process_types: Sequence[str], statuses: Sequence[str], since: datetime) -> str:
+    types = ", ".join(f"'{t}'" for t in process_types)
+    listed = ", ".join(f"'{s}'" for s in statuses)
+    return (
+        f"{PROCESS_TYPE.name} IN ({types}) AND ExecutionStatus IN ({listed}) "
+        f"AND CloseTime > '{since.isoformat()}'"
     )
-    return bool(await session.scalar(select(order))) or bool(await session.scalar(select(task)))
 
 
 def abnormal_ends_query(process_types: Sequence[str], since: datetime) -> str:
     """The visibility query for this project's executions that closed abnormally after `since`."""
-    types = ", ".join(f"'{t}'" for t in process_types)
-    statuses = ", ".join(f"'{s}'" for s in _VISIBILITY_STATUS.values())
-    return (
-        f"{PROCESS_TYPE.name} IN ({types}) AND ExecutionStatus IN ({statuses}) "
-        f"AND CloseTime > '{since.isoformat()}'"
-    )
+    return _closed_query(process_types, list(_VISIBILITY_STATUS.values()), since)
+
+
+def completions_query(process_types: Sequence[str], since: datetime) -> str:
+    """The visibility query for this project's executions that completed after `since`."""
+    return _closed_query(process_types, ["Completed"], since)
 
 
 class ReadModelReconciler(BackgroundLoop):
@@ -218,6 +292,7 @@ class ReadModelReconciler(BackgroundLoop):
         self.rpc_timeout = timedelta(seconds=rpc_timeout_s)
         self.watermark = utcnow() - timedelta(seconds=lookback_s)
         self.applied = 0  # ends whose read model this reconciler changed
+        self.completions_closed = 0  # completed instances whose row it closed
         super().__init__()
 
     # ---------------------------------------------------------------- lifecycle
@@ -238,7 +313,8 @@ class ReadModelReconciler(BackgroundLoop):
 
     # ---------------------------------------------------------------- one round
     async def reconcile(self) -> list[Applied]:
-        """One round: apply every abnormal end since the watermark; returns those that
+        """One round: apply every abnormal end since the watermark, then close the instance
+        rows of completed executions that still say running; returns the abnormal ends that
         changed the read model. The watermark moves only when the round completed."""
         started = utcnow()
         changed: list[Applied] = []
@@ -260,8 +336,28 @@ class ReadModelReconciler(BackgroundLoop):
                         end.stage if applied.order_no is not None else "unchanged",
                         applied.tasks_closed,
                     )
+        async with contextlib.aclosing(self._completions(self.watermark)) as completions:
+            async for workflow_id, closed_at in completions:
+                if self._stopping.is_set():
+                    return changed
+                if await apply_completion(self._sessions, workflow_id, closed_at):
+                    self.completions_closed += 1
+                    log.info("%s completed: its instance row closed", workflow_id)
         self.watermark = max(self.watermark, started - self.overlap)
         return changed
+
+    async def _completions(self, since: datetime) -> AsyncGenerator[tuple[str, datetime], None]:
+        executions = self._client.list_workflows(
+            completions_query(self.process_types, since),
+            page_size=self.page_size,
+            rpc_timeout=self.rpc_timeout,
+        )
+        async for execution in executions:
+            if (
+                execution.status == WorkflowExecutionStatus.COMPLETED
+                and execution.close_time is not None
+            ):
+                yield execution.id, execution.close_time
 
     async def _abnormal_ends(self, since: datetime) -> AsyncGenerator[AbnormalEnd, None]:
         executions = self._client.list_workflows(

@@ -1,21 +1,28 @@
-"""Record activities: policy versions and the read model (orders, tasks, audit trail)."""
+"""Record activities: policy versions and the read model (process instances, their stage
+visits and SLA events, the sales order's extension row, tasks, audit trail)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import Insert, delete, insert, select
+from sqlalchemy import Insert, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
 from activities.models import (
     AuditRecord,
+    InstanceRecord,
     OrderRecord,
     PolicyDocument,
     PolicyRequest,
     ProjectionBatch,
+    SlaEventRecord,
     StageChange,
+    StageVisitRecord,
     TaskSnapshot,
 )
 from activities.notifications import outbox_rows, resolve_recipients
@@ -26,8 +33,12 @@ from core.db import (
     OrderLine,
     OutboxMessage,
     PolicyVersion,
+    ProcessInstance,
+    SlaEvent,
+    StageVisit,
     TaskCandidate,
     TaskRow,
+    utcnow,
 )
 
 _TASK_FIELDS = (
@@ -49,6 +60,17 @@ _TASK_FIELDS = (
     "closed_at",
     "revision",
 )
+
+# the process type of the instances that older sales-order code projects through `order` and
+# `stage` (StageChange) alone, and the instance status that an order's stage means
+SALES_ORDER = "sales_order"
+_CENT = Decimal("0.01")
+_STATUS_OF_ORDER_STAGE = {
+    "closed": "completed",
+    "rejected": "completed",
+    "cancelled": "cancelled",
+    "failed": "failed",
+}
 
 
 class RecordActivities:
@@ -82,10 +104,22 @@ class RecordActivities:
         """Apply a batch of read-model writes and queue its mails in one transaction; applying
         it twice is a no-op. Workflows run it as a local activity (see workflows/runtime.py)."""
         async with self._sessions.begin() as session:
+            # locks in one order everywhere (here and in activities/reconcile.py): the
+            # instance, its order, its visits, its tasks
+            applied = False
+            if batch.instance is not None:
+                applied = await _upsert_instance(session, batch.instance)
+            elif batch.order is not None:  # older sales-order code: no instance record
+                await _instance_from_order(session, batch.order, batch.stage)
             if batch.order is not None:
-                await _insert_order(session, batch.order, batch.stage)
+                await _insert_order(session, batch.order, batch.stage, batch.instance)
+            if applied and batch.instance is not None:
+                await _order_follows(session, batch.instance)
             if batch.stage is not None:
-                await _apply_stage(session, batch.stage)
+                await _apply_stage(session, batch.stage, batch.instance)
+            for visit in batch.visits:
+                await _upsert_visit(session, visit)
+            await _insert_sla_events(session, batch.sla_events)
             for snapshot in batch.tasks:
                 await _upsert_task(session, snapshot)
             await _insert_audit(session, batch.audit)
@@ -98,22 +132,168 @@ class RecordActivities:
             self._mail_queued()
 
 
-def _insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
-    """INSERT ... ON CONFLICT DO NOTHING: of concurrent writers of one key the first wins and
-    the others wait for it and write nothing (a check-then-insert races on PostgreSQL)."""
+def _upsert(session: AsyncSession, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """The INSERT of this database that takes ON CONFLICT clauses."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(model).on_conflict_do_nothing()
+        return postgresql.insert(model)
     if dialect == "sqlite":
-        return sqlite.insert(model).on_conflict_do_nothing()
+        return sqlite.insert(model)
     raise NotImplementedError(f"read-model writes are not implemented for {dialect}")
 
 
-async def _insert_order(
+def _insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
+    """INSERT ... ON CONFLICT DO NOTHING: of concurrent writers of one key the first wins and
+    the others wait for it and write nothing (a check-then-insert races on PostgreSQL)."""
+    return _upsert(session, model).on_conflict_do_nothing()
+
+
+def _instance_status(order_stage: str) -> str:
+    return _STATUS_OF_ORDER_STAGE.get(order_stage, "running")
+
+
+def _updated_at(record: InstanceRecord) -> datetime:
+    """The time of the newest change the record describes (workflow time)."""
+    return max(t for t in (record.started_at, record.stage_entered_at, record.closed_at) if t)
+
+
+def _instance_values(record: InstanceRecord) -> dict[str, Any]:
+    values = record.model_dump(exclude={"summary"})
+    values["summary"] = record.model_dump(mode="json", include={"summary"})["summary"]
+    values["updated_at"] = _updated_at(record)
+    return values
+
+
+async def _locked_instance(session: AsyncSession, workflow_id: str) -> ProcessInstance | None:
+    return (
+        await session.execute(
+            select(ProcessInstance)
+            .where(ProcessInstance.workflow_id == workflow_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+
+
+async def _upsert_instance(session: AsyncSession, record: InstanceRecord) -> bool:
+    """Insert the instance or apply a newer revision of it; whether the record was applied."""
+    values = _instance_values(record)
+    inserted = await session.execute(
+        _insert_or_ignore(session, ProcessInstance)
+        .values(**values)
+        .returning(ProcessInstance.workflow_id)
+    )
+    if inserted.scalar_one_or_none() is not None:
+        return True
+    # the row exists: lock it, so that concurrent projections of one instance apply one by one
+    row = await _locked_instance(session, record.workflow_id)
+    if row is None:
+        # the insert lost on the business key: another workflow holds this (type, key)
+        activity.logger.error(
+            "instance %s: %s %r belongs to another workflow, not projected",
+            record.workflow_id,
+            record.process_type,
+            record.business_key,
+        )
+        return False
+    if record.revision <= row.revision:
+        activity.logger.info(
+            "instance %s: revision %s not newer than stored %s, skipped",
+            record.workflow_id,
+            record.revision,
+            row.revision,
+        )
+        return False
+    for name, value in values.items():
+        if name not in ("workflow_id", "process_type", "business_key"):
+            setattr(row, name, value)
+    await session.flush()
+    return True
+
+
+async def _instance_from_order(
     session: AsyncSession, record: OrderRecord, stage: StageChange | None
 ) -> None:
+    """The instance row of an order projected by older code (order and stage, no instance),
+    unless it exists: such instances keep appearing in the instance model."""
+    if stage is not None and stage.order_no != record.order_no:
+        stage = None
+    at = stage.at if stage is not None else utcnow()
+    stage_name = stage.stage if stage is not None else record.stage
+    status = _instance_status(stage_name)
+    await session.execute(
+        _insert_or_ignore(session, ProcessInstance).values(
+            workflow_id=record.workflow_id,
+            process_type=SALES_ORDER,
+            business_key=record.order_no,
+            definition_kind="code",
+            definition_version="",
+            policy_version=record.policy_version,
+            stage=stage_name,
+            status=status,
+            requester=record.requester,
+            owner_role=None,
+            started_at=at,
+            stage_entered_at=at,
+            closed_at=None if status == "running" else at,
+            updated_at=at,
+            revision=stage.revision if stage is not None else 0,
+            summary={
+                "customer_id": record.customer_id,
+                "customer_name": record.customer_name,
+                "amount": str(record.amount.quantize(_CENT)),
+                "currency": record.currency,
+                "special_change": stage.special_change if stage else record.special_change,
+            },
+        )
+    )
+
+
+async def _order_follows(session: AsyncSession, record: InstanceRecord) -> None:
+    """A sales order's extension row takes the stage of its instance (a no-op for others)."""
+    values: dict[str, Any] = {"stage": record.stage, "updated_at": _updated_at(record)}
+    if "special_change" in record.summary:
+        values["special_change"] = bool(record.summary["special_change"])
+    await session.execute(
+        update(Order)
+        .where(Order.workflow_id == record.workflow_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def _upsert_visit(session: AsyncSession, visit: StageVisitRecord) -> None:
+    """Insert the visit, or fill in what it did not know yet: left_at, outcome and by, once set,
+    are never cleared or changed by another write (a replayed older one has them null)."""
+    stmt = _upsert(session, StageVisit).values(**visit.model_dump())
+    table = StageVisit.__table__.c
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[table.workflow_id, table.seq],
+            set_={
+                "left_at": func.coalesce(table.left_at, stmt.excluded.left_at),
+                "outcome": func.coalesce(table.outcome, stmt.excluded.outcome),
+                "by": func.coalesce(table.by, stmt.excluded.by),
+            },
+        )
+    )
+
+
+async def _insert_order(
+    session: AsyncSession,
+    record: OrderRecord,
+    stage: StageChange | None,
+    instance: InstanceRecord | None,
+) -> None:
+    if await session.get(ProcessInstance, record.workflow_id) is None:
+        # its instance was not written (another workflow holds its business key): nor is it
+        activity.logger.error("order %s: no instance %s", record.order_no, record.workflow_id)
+        return
     values = record.model_dump(exclude={"lines"})
-    if stage is not None and stage.order_no == record.order_no:
+    if instance is not None and instance.workflow_id == record.workflow_id:
+        values["created_at"] = instance.started_at
+        values["updated_at"] = _updated_at(instance)
+    elif stage is not None and stage.order_no == record.order_no:
         values["created_at"] = values["updated_at"] = stage.at
     inserted = await session.execute(
         _insert_or_ignore(session, Order).values(**values).returning(Order.order_no)
@@ -127,17 +307,60 @@ async def _insert_order(
         )
 
 
-async def _apply_stage(session: AsyncSession, stage: StageChange) -> None:
+async def _apply_stage(
+    session: AsyncSession, stage: StageChange, instance: InstanceRecord | None
+) -> None:
     # Stage changes come in order from the one workflow that owns the order (each projection
     # is awaited before the next), so the last applied write is the newest one.
-    order = await session.get(Order, stage.order_no, with_for_update=True)
-    if order is None:
+    workflow_id = await session.scalar(
+        select(Order.workflow_id).where(Order.order_no == stage.order_no)
+    )
+    if workflow_id is None:
         activity.logger.warning("stage change for unknown order %s ignored", stage.order_no)
         return
+    if instance is not None and instance.workflow_id == workflow_id:
+        # code that projects its instance sends the StageChange beside it for older readers;
+        # the instance record (its revision counts every change, not only stages) decides
+        return
+    if not await _instance_follows_stage(session, workflow_id, stage):
+        activity.logger.info("stage change of order %s older than its instance", stage.order_no)
+        return  # the order follows its instance: never older over newer either
+    order = await session.get(Order, stage.order_no, with_for_update=True)
+    assert order is not None  # orders are never deleted
     order.stage = stage.stage
     order.special_change = stage.special_change
     order.updated_at = stage.at
     await session.flush()
+
+
+async def _instance_follows_stage(
+    session: AsyncSession, workflow_id: str, stage: StageChange
+) -> bool:
+    """A legacy stage change moves the order's instance unless the instance holds a newer
+    revision; whether it applied. (StageChange revisions count stages: a special change
+    repeats the revision of its stage, so an equal revision applies.)"""
+    row = await _locked_instance(session, workflow_id)
+    if row is None or stage.revision < row.revision:
+        return False
+    if row.stage != stage.stage:
+        row.stage_entered_at = stage.at
+        # the stage the instance sat in when the read model came (seq 0) is left now
+        await session.execute(
+            update(StageVisit)
+            .where(StageVisit.workflow_id == workflow_id, StageVisit.seq == 0)
+            .where(StageVisit.left_at.is_(None), StageVisit.stage != stage.stage)
+            .values(left_at=stage.at)
+            .execution_options(synchronize_session=False)
+        )
+    status = _instance_status(stage.stage)
+    row.stage = stage.stage
+    row.status = status
+    row.closed_at = None if status == "running" else (row.closed_at or stage.at)
+    row.updated_at = max(row.updated_at, stage.at)
+    row.revision = stage.revision
+    row.summary = {**row.summary, "special_change": stage.special_change}
+    await session.flush()
+    return True
 
 
 async def _upsert_task(session: AsyncSession, snapshot: TaskSnapshot) -> None:
@@ -175,6 +398,19 @@ async def _upsert_task(session: AsyncSession, snapshot: TaskSnapshot) -> None:
     if roles:
         await session.execute(
             insert(TaskCandidate), [{"task_id": snapshot.task_id, "role": r} for r in roles]
+        )
+
+
+async def _insert_sla_events(session: AsyncSession, events: list[SlaEventRecord]) -> None:
+    unique = {e.event_key: e for e in reversed(events)}  # the first event of a key wins
+    if unique:
+        await session.execute(
+            _insert_or_ignore(session, SlaEvent),
+            [
+                unique[key].model_dump(exclude={"details"})
+                | {"details": unique[key].model_dump(mode="json")["details"]}
+                for key in dict.fromkeys(e.event_key for e in events)
+            ],
         )
 
 

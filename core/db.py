@@ -214,10 +214,70 @@ class PolicyVersion(Base):
     note: Mapped[str] = mapped_column(Text, default="")
 
 
+class ProcessInstance(Base):
+    """The read model of one process instance, of any type (code or blueprint), keyed by its
+    workflow id; written by the `project` activity, never older over newer (revision)."""
+
+    __tablename__ = "process_instances"
+    __table_args__ = (
+        UniqueConstraint("process_type", "business_key"),
+        Index("ix_process_instances_type_stage", "process_type", "stage"),
+    )
+    workflow_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    process_type: Mapped[str] = mapped_column(String(64))
+    business_key: Mapped[str] = mapped_column(String(64))
+    definition_kind: Mapped[str] = mapped_column(String(16), default="code")  # code | blueprint
+    definition_version: Mapped[str] = mapped_column(String(80), default="")
+    policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    # running | completed | failed | cancelled | terminated
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    requester: Mapped[str] = mapped_column(String(64), index=True)
+    owner_role: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(TZDateTime)
+    stage_entered_at: Mapped[datetime] = mapped_column(TZDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(TZDateTime)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class StageVisit(Base):
+    """One entry into a stage, numbered by the workflow (seq 0: the stage an instance was in
+    when the read model was introduced); `left_at` is null while the instance sits there."""
+
+    __tablename__ = "stage_visits"
+    __table_args__ = (Index("ix_stage_visits_stage_left", "stage", "left_at"),)
+    workflow_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    stage: Mapped[str] = mapped_column(String(64))
+    entered_at: Mapped[datetime] = mapped_column(TZDateTime)
+    left_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class SlaEvent(Base):
+    """A reminder, escalation or breach of a task's timer or a stage or process SLA."""
+
+    __tablename__ = "sla_events"
+    event_key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(String(200), index=True)
+    task_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    sla: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))  # reminded | escalated | breached
+    at: Mapped[datetime] = mapped_column(TZDateTime)
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 class Order(Base):
+    """The sales order's extension of its instance (`process_instances`)."""
+
     __tablename__ = "orders"
     order_no: Mapped[str] = mapped_column(String(64), primary_key=True)
-    workflow_id: Mapped[str] = mapped_column(String(200), unique=True)
+    workflow_id: Mapped[str] = mapped_column(
+        ForeignKey("process_instances.workflow_id"), unique=True
+    )
     customer_id: Mapped[str] = mapped_column(String(64), index=True)
     customer_name: Mapped[str] = mapped_column(String(200))
     customer_email: Mapped[str] = mapped_column(String(254))
@@ -305,6 +365,9 @@ class LedgerEntry(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     idempotency_key: Mapped[str] = mapped_column(String(300), unique=True)
     order_no: Mapped[str] = mapped_column(String(64), index=True)
+    # the instance the money belongs to (null: booked outside an activity, or an order unknown
+    # when migration 0004 filled it in)
+    workflow_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
     kind: Mapped[str] = mapped_column(String(16))  # charge | refund | incoming
     amount: Mapped[Decimal] = mapped_column(Money)
     currency: Mapped[str] = mapped_column(String(3))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 from activities.models import (
     PAYMENT_DECLINED,
@@ -153,3 +155,44 @@ async def test_an_incoming_event_belongs_to_one_order_and_amount(
     assert err.value.type == PAYMENT_EVENT_CONFLICT and err.value.non_retryable
     assert "E-9080-a" in err.value.message
     assert await _ledger(sessions) == [("incoming", "incoming:E-9080-a", Decimal("100.00"))]
+
+
+async def test_ledger_rows_carry_the_workflow_id_of_the_activity(payments, sessions):
+    """The ledger is keyed by instance: charge, refund and incoming payment all name the
+    workflow that booked them; a retried charge from elsewhere keeps the first one's."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, workflow_id="sales_order-SO-1")
+    await env.run(payments.capture_payment, _charge())
+    await env.run(payments.refund_payment, _refund("100.00"))
+    await env.run(
+        payments.record_incoming_payment,
+        IncomingPayment(event_id="evt-7", order_no="SO-1", amount=Decimal("5.00"), currency="EUR"),
+    )
+    other = ActivityEnvironment()
+    other.info = dataclasses.replace(other.info, workflow_id="sales_order-SO-2")
+    assert (await other.run(payments.capture_payment, _charge())).duplicate
+
+    async with sessions() as session:
+        rows = (
+            await session.execute(
+                select(LedgerEntry.kind, LedgerEntry.workflow_id).order_by(LedgerEntry.id)
+            )
+        ).all()
+        by_instance = (
+            await session.scalars(
+                select(LedgerEntry.kind).where(LedgerEntry.workflow_id == "sales_order-SO-1")
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("charge", "sales_order-SO-1"),
+        ("refund", "sales_order-SO-1"),
+        ("incoming", "sales_order-SO-1"),
+    ]
+    assert sorted(by_instance) == ["charge", "incoming", "refund"]
+
+
+async def test_the_sandbox_called_outside_an_activity_books_no_workflow_id(provider, sessions):
+    await provider.charge("direct", "SO-3", "CUST-1", Decimal("1.00"), "EUR")
+    async with sessions() as session:
+        entry = (await session.scalars(select(LedgerEntry))).one()
+    assert (entry.idempotency_key, entry.workflow_id) == ("direct", None)

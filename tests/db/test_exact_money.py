@@ -19,6 +19,7 @@ from core.db import (
     LedgerEntry,
     Order,
     OrderLine,
+    ProcessInstance,
     StockItem,
     StockReservation,
     to_minor_units,
@@ -60,6 +61,22 @@ def _order(no: str, amount: Decimal) -> Order:
     )
 
 
+def _instance(no: str) -> ProcessInstance:
+    """The instance an order extends (orders reference process_instances)."""
+    at = datetime(2026, 11, 24, tzinfo=UTC)
+    return ProcessInstance(
+        workflow_id=f"sales-order-{no}",
+        process_type="sales_order",
+        business_key=no,
+        stage="approval",
+        status="running",
+        requester="alice",
+        started_at=at,
+        stage_entered_at=at,
+        updated_at=at,
+    )
+
+
 async def _amounts(sessions: async_sessionmaker, *where, order_by=LedgerEntry.id) -> list[str]:
     async with sessions() as session:
         rows = await session.scalars(select(LedgerEntry.amount).where(*where).order_by(order_by))
@@ -68,6 +85,8 @@ async def _amounts(sessions: async_sessionmaker, *where, order_by=LedgerEntry.id
 
 async def test_money_and_quantities_round_trip_exactly_through_the_orm(sessions):
     async with sessions.begin() as session:
+        session.add(_instance("SO-1"))
+        await session.flush()
         session.add(_order("SO-1", BIG))
         session.add_all([_ledger("big", BIG), _ledger("cent", CENT)])
         session.add(Invoice(invoice_no="INV-1", order_no="SO-1", amount=BIG, currency="EUR"))
@@ -111,6 +130,8 @@ async def test_money_and_quantities_round_trip_exactly_through_the_orm(sessions)
 async def test_sql_comparisons_and_ordering_compare_in_cents(sessions):
     async with sessions.begin() as session:
         session.add_all([_ledger("big", BIG), _ledger("cent", CENT)])
+        session.add_all([_instance(f"SO-{a}") for a in ("12.33", "12.34", "12.35")])
+        await session.flush()
         session.add_all([_order(f"SO-{a}", Decimal(a)) for a in ("12.33", "12.34", "12.35")])
     assert await _amounts(sessions, LedgerEntry.amount > Decimal("99999999999999.73")) == [str(BIG)]
     assert await _amounts(sessions, LedgerEntry.amount >= BIG) == [str(BIG)]
