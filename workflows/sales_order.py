@@ -3,15 +3,16 @@ invoice -> closed, with prepaid variants, installments, special changes and comp
 
 Public contract (used by the API): the models below, `sales_order_workflow_id`,
 `input_fingerprint`, and the handler names of `SalesOrderWorkflow`:
-updates `settle`, `decide`, `claim`, `release`, `delegate`, `reassign`, `amend`, `cancel`;
-signal `payment_received`; query `status`.
+updates `settle`, `decide`, `claim`, `release`, `delegate`, `reassign`, `amend`, `cancel`,
+`pay`; signal `payment_received`; query `status`. The money (ledger, `pay`, captures, refunds,
+payment gates, settlement by hand) is the block of workflows/money.py, the rest the kernel's.
 """
 
 from __future__ import annotations
 
 import unicodedata
 from datetime import timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
@@ -25,24 +26,19 @@ from pydantic import (
     model_validator,
 )
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from email_validator import EmailNotValidError, validate_email
 
     from activities.models import (
-        PAYMENT_EVENT_CONFLICT,
-        IncomingPayment,
         InvoiceRequest,
         OrderLineRecord,
         OrderRecord,
-        PaymentRequest,
-        RefundRequest,
         ShipmentRequest,
         StageChange,
         StockRequest,
     )
-    from activities.payments import PaymentActivities
     from activities.warehouse import WarehouseActivities
     from core.temporal import AMOUNT, CUSTOMER_ID
     from core.temporal import PROCESS_TYPE as PROCESS_TYPE_SA
@@ -51,21 +47,20 @@ from workflows.approval import APPROVED, approval_chain
 from workflows.errors import CONFLICT, NOT_PERMITTED, refuse
 from workflows.errors import DUPLICATE_EVENT as DUPLICATE_EVENT
 from workflows.errors import NOT_CANCELLABLE as NOT_CANCELLABLE
-from workflows.human_task import MANAGER_ROLE, SYSTEM_ACTOR, TIMED_OUT, WITHDRAWN, Actor, HumanTask
+from workflows.human_task import MANAGER_ROLE, TIMED_OUT, WITHDRAWN, Actor, HumanTask, TaskTimes
 from workflows.kernel import HARDENING as HARDENING
 from workflows.kernel import DecideResult as DecideResult
 from workflows.kernel import DecisionRecord as DecisionRecord
-from workflows.kernel import (
-    HumanProcess,
-    ProcessCarry,
-    ProcessStatus,
-    Stop,
-    business_retry,
-    cause_of,
-)
 from workflows.kernel import StageEntry as StageEntry
+from workflows.kernel import Stop, cause_of
 from workflows.kernel import TaskView as TaskView
 from workflows.kernel import input_fingerprint as input_fingerprint
+from workflows.money import MAX_AMOUNT as MAX_AMOUNT
+from workflows.money import SETTLED as SETTLED
+from workflows.money import Ledger, MoneyCarry, MoneyProcess, MoneyStatus, Overpayment, money
+from workflows.money import PaymentEvent as PaymentEvent
+from workflows.money import PaymentOutcome as PaymentOutcome
+from workflows.money import PaymentView as PaymentView
 from workflows.policy import SalesOrderPolicy
 
 PROCESS_TYPE = "sales_order"
@@ -76,7 +71,6 @@ LEGACY_WORKFLOW_ID_PREFIX = "sales-order-"
 # memo key holding the fingerprint of the input that started an instance
 MEMO_FINGERPRINT = "input_fingerprint"
 ACKNOWLEDGED = "acknowledged"
-SETTLED = "settled"
 CANCEL_ROLES = frozenset({MANAGER_ROLE})
 AMEND_ROLES = frozenset({"sales", MANAGER_ROLE})
 
@@ -105,8 +99,6 @@ SHIPPED_OR_LATER = frozenset({Stage.SHIPPED, Stage.INVOICED}) | TERMINAL_STAGES
 
 Variant = Literal["standard", "prepaid_entry", "prepaid_warehouse"]
 
-# The largest amount an order, a line or a payment may carry (16 digits, as the money columns).
-MAX_AMOUNT = Decimal("99999999999999.99")
 # Validation context of a new submission: the checks below that came after instances were
 # started run only then, so that the input of an older instance always decodes on replay.
 SUBMISSION = MappingProxyType({"submission": True})
@@ -234,13 +226,6 @@ def submission(details: OrderDetails, requester: str) -> SalesOrderInput:
     )
 
 
-class PaymentEvent(BaseModel):
-    """An incoming payment reported by the provider; redelivery of an event_id changes nothing."""
-
-    event_id: str = Field(min_length=1, max_length=200)
-    amount: Decimal = Field(gt=0, le=MAX_AMOUNT, max_digits=16, decimal_places=2)
-
-
 class AmendInput(BaseModel):
     description: str = Field(min_length=1, max_length=2000)
     actor: Actor
@@ -251,44 +236,14 @@ class CancelInput(BaseModel):
     actor: Actor
 
 
-class PaymentView(BaseModel):
-    key: str
-    kind: Literal["charge", "incoming", "refund"]
-    amount: Decimal
-    provider_ref: str
-    original_key: str | None = Field(None, description="for a refund: the payment it gives back")
-
-
-class PaymentOutcome(BaseModel):
-    """What a reported payment did to the order; `duplicate`: the event was known already."""
-
-    event_id: str
-    duplicate: bool = False
-    paid: Decimal
-    refunded: Decimal
-    balance: Decimal
-
-
-class SalesOrderStatus(ProcessStatus):
+class SalesOrderStatus(MoneyStatus):
     order_no: str
     stage: Stage
     variant: Variant
     customer_id: str
-    currency: str
     amount: Decimal
-    amount_due: Decimal
-    paid: Decimal
-    refunded: Decimal
-    due: Decimal = Field(
-        Decimal(0), description="what the customer owes now: amount_due, 0 once stopped"
-    )
-    balance: Decimal = Field(
-        Decimal(0),
-        description="due - (paid - refunded): still owed (> 0) or owed back to the customer (< 0)",
-    )
     special_change: bool
     amendments: list[str]
-    payments: list[PaymentView]
     tracking_no: str | None = None
     invoice_no: str | None = None
 
@@ -305,21 +260,16 @@ class SalesOrderResult(BaseModel):
     invoice_no: str | None = None
 
 
-class SalesOrderCarry(ProcessCarry):
+class SalesOrderCarry(MoneyCarry):
     """Everything an instance carries into its next run when it continues as new: the kernel's
-    part (tasks with their absolute due times, stages, steps done), its pinned policy, money,
-    and how far the process map got."""
+    part (tasks with their absolute due times, stages, steps done), money (the ledger's part),
+    its pinned policy and how far the process map got."""
 
     policy: dict
-    amount_due: Decimal
-    payments: list[PaymentView]
-    seen_payment_events: dict[str, Decimal]
     amendments: list[str]
     ack_tasks: list[str]
     special_changes: list[list[str]]
-    settlements: list[str]
     levels_done: int
-    stopped: bool = False
     stock_reserved: bool = False
     tracking_no: str | None = None
     invoice_no: str | None = None
@@ -332,16 +282,12 @@ def sales_order_workflow_id(order_no: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{order_no}"
 
 
-def _money(value: Decimal) -> Decimal:
-    return value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
-
-
 def amount_of(lines: list[OrderLine]) -> Decimal:
-    return _money(sum((line.quantity * line.unit_price for line in lines), Decimal(0)))
+    return money(sum((line.quantity * line.unit_price for line in lines), Decimal(0)))
 
 
 @workflow.defn
-class SalesOrderWorkflow(HumanProcess):
+class SalesOrderWorkflow(MoneyProcess):
     """One sales order from receipt to closing; its timers, tasks and payments."""
 
     PROCESS_TYPE = PROCESS_TYPE
@@ -356,17 +302,17 @@ class SalesOrderWorkflow(HumanProcess):
     )
     NOUN = "order"
     FAILED_STAGE = Stage.FAILED
+    AWAITING_PAYMENT_STAGE = Stage.AWAITING_PAYMENT
+    ATTENTION_STAGE = Stage.NEEDS_ATTENTION
 
     @workflow.init
     def __init__(self, inp: SalesOrderInput) -> None:
         self.inp = inp
         self.policy = SalesOrderPolicy()
         self.amount = amount_of(inp.lines)
-        self.amount_due = self.amount
         self.amendments: list[str] = []
-        self.payments: list[PaymentView] = []
-        self.seen_payment_events: dict[str, Decimal] = {}  # event id -> amount reported
         super().__init__(
+            ledger=Ledger(inp.currency, self.amount),
             business_key=inp.order_no,
             requester=inp.requester,
             initial_stage=Stage.RECEIVED,
@@ -378,8 +324,6 @@ class SalesOrderWorkflow(HumanProcess):
         self.invoice_no: str | None = None
         self.stock_reserved = False
         self.special_changes: list[list[HumanTask]] = []  # the acknowledgements of each change
-        self.settlements: list[HumanTask] = []  # finance tasks for money to settle by hand
-        self.stopped = False  # rejected, cancelled or failed: nothing is due any more
         self.levels_done = 0
         if inp.carry is not None:
             self._restore(inp.carry)
@@ -387,16 +331,12 @@ class SalesOrderWorkflow(HumanProcess):
     def _restore(self, c: SalesOrderCarry) -> None:
         self.policy = SalesOrderPolicy.model_validate(c.policy)
         self.rt.board.max_actions = self.policy.max_actions_per_task
-        self.amount_due = c.amount_due
-        self.payments = list(c.payments)
-        self.seen_payment_events = dict(c.seen_payment_events)
+        self.restore_money(c)
         self.amendments = list(c.amendments)
         tasks = self.rt.board.tasks
         self.ack_tasks = [tasks[t] for t in c.ack_tasks]
         self.special_changes = [[tasks[t] for t in ts] for ts in c.special_changes]
-        self.settlements = [tasks[t] for t in c.settlements]
         self.levels_done = c.levels_done
-        self.stopped = c.stopped
         self.stock_reserved = c.stock_reserved
         self.tracking_no = c.tracking_no
         self.invoice_no = c.invoice_no
@@ -404,16 +344,12 @@ class SalesOrderWorkflow(HumanProcess):
     def next_run_input(self, carry: dict[str, Any]) -> SalesOrderInput:
         own = SalesOrderCarry(
             **carry,
+            **self.money_carry(),
             policy=self.policy.model_dump(mode="json"),
-            amount_due=self.amount_due,
-            payments=self.payments,
-            seen_payment_events=self.seen_payment_events,
             amendments=self.amendments,
             ack_tasks=[t.task_id for t in self.ack_tasks],
             special_changes=[[t.task_id for t in ts] for ts in self.special_changes],
-            settlements=[t.task_id for t in self.settlements],
             levels_done=self.levels_done,
-            stopped=self.stopped,
             stock_reserved=self.stock_reserved,
             tracking_no=self.tracking_no,
             invoice_no=self.invoice_no,
@@ -435,13 +371,14 @@ class SalesOrderWorkflow(HumanProcess):
         else:
             await self._process_map(inp)
         await workflow.wait_condition(workflow.all_handlers_finished)
+        ledger = self.ledger
         return SalesOrderResult(
             order_no=inp.order_no,
             stage=Stage(self.stage),
-            amount_due=self.amount_due,
-            paid=self._paid(),
-            refunded=self._refunded(),
-            balance=self._balance(),
+            amount_due=ledger.amount_due,
+            paid=ledger.paid,
+            refunded=ledger.refunded,
+            balance=ledger.balance,
             reason=self.outcome_reason,
             tracking_no=self.tracking_no,
             invoice_no=self.invoice_no,
@@ -473,7 +410,7 @@ class SalesOrderWorkflow(HumanProcess):
     def _apply_discount(self) -> None:
         if self.inp.loyalty_discount:
             factor = (Decimal(100) - self.policy.loyalty_discount_pct) / Decimal(100)
-            self.amount_due = _money(self.amount * factor)
+            self.ledger.amount_due = money(self.amount * factor)
 
     def _needs_approval(self) -> bool:
         prepaid = self.inp.variant != "standard"
@@ -522,64 +459,25 @@ class SalesOrderWorkflow(HumanProcess):
         amount = self._installment_amount(index)
         if self.hardened:  # only what is still due after this installment (the ledger says)
             target = sum((self._installment_amount(i) for i in range(index + 1)), Decimal(0))
-            amount = min(amount, target - self._net_paid())
+            amount = min(amount, target - self.ledger.net_paid)
         if amount <= 0:
             return
         await self.set_stage(Stage.PAYMENT)
-        n = len(self.inp.installments)
-        key = f"{self.rt.workflow_id}:installment-{index + 1}"
+        n, what = len(self.inp.installments), self.ledger.text(amount)
         try:
-            result = await workflow.execute_activity_method(
-                PaymentActivities.capture_payment,
-                PaymentRequest(
-                    idempotency_key=key,
-                    order_no=self.inp.order_no,
-                    customer_id=self.inp.customer.id,
-                    amount=amount,
-                    currency=self.inp.currency,
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=business_retry(),
-                summary=f"capture installment {index + 1} of {n}: {amount} {self.inp.currency}",
+            await self.capture(
+                f"installment-{index + 1}",
+                amount,
+                self.inp.customer.id,
+                f"capture installment {index + 1} of {n}: {what}",
             )
         except ActivityError as err:
             raise Stop(Stage.CANCELLED, f"payment failed: {cause_of(err)}") from err
-        self.payments.append(
-            PaymentView(key=key, kind="charge", amount=amount, provider_ref=result.provider_ref)
-        )
-        what = f"{amount} {self.inp.currency}"
-        self.rt.audit(SYSTEM_ACTOR, "payment_captured", what, {"idempotency_key": key})
         await self.set_stage(Stage.PAID)
 
     async def _await_payment(self, needed: Decimal, what: str) -> None:
         """Prepaid gate: wait until the provider reported `needed` in total, or the deadline."""
-        paid = self._net_paid if self.hardened else self._paid
-        if paid() >= needed:
-            return
-        await self.set_stage(Stage.AWAITING_PAYMENT)
-        slot = f"gate:{what}"
-        found = self.slot_tasks(slot)  # continued as new while waiting
-        task = found[0] if found else None
-        if task is None:
-            task = self.open_task(
-                name=f"await {what}: {needed} {self.inp.currency}",
-                kind="payment",
-                roles=["finance"],
-                outcomes=[],
-                times=self.policy.payment_timers().task_times(),
-                four_eyes=False,
-            )
-            self.slots[slot] = [task.task_id]
-            await self._notify_customer(
-                f"Order {self.inp.order_no}: payment of {needed} {self.inp.currency} expected",
-                f"Please pay {needed} {self.inp.currency} ({what}) for order {self.inp.order_no}.",
-            )
-        gate = task
-        await self.wait(lambda: paid() >= needed or not gate.is_open, what)
-        if gate.is_open:
-            self.close_task(gate, "paid")
-            await self.rt.flush()
-        elif gate.outcome == TIMED_OUT:
+        if not await self.await_payment(needed, what, self.policy.payment_timers().task_times()):
             raise Stop(Stage.CANCELLED, f"{what} not received in time")
 
     async def _await_acknowledgements(self) -> None:
@@ -629,7 +527,7 @@ class SalesOrderWorkflow(HumanProcess):
     # ================================================================== compensation and end
     async def _compensate(self) -> None:
         """Undo what the order did: withdraw open tasks, release stock, refund payments."""
-        self.stopped = True
+        self.ledger.stopped = True
         await self.rt.quiesce()  # a payment being recorded right now is refunded too
         for t in self.rt.board.open_tasks():
             self.close_task(t, WITHDRAWN, comment="process ended")
@@ -642,99 +540,7 @@ class SalesOrderWorkflow(HumanProcess):
                 summary="release reserved stock",
             )
             self.stock_reserved = False
-        for p in [p for p in self.payments if p.kind in ("charge", "incoming")]:
-            refund_key = f"{self.rt.workflow_id}:refund:{p.key}"
-            if any(r.key == refund_key for r in self.payments):
-                continue
-            amount = self._refundable(p) if self.hardened else p.amount
-            if amount > 0:
-                await self._refund(p, amount, refund_key, "compensation")
-
-    def _refundable(self, p: PaymentView) -> Decimal:
-        given_back = sum(
-            (r.amount for r in self.payments if r.kind == "refund" and r.original_key == p.key),
-            Decimal(0),
-        )
-        return p.amount - given_back
-
-    async def _refund(self, p: PaymentView, amount: Decimal, key: str, why: str) -> None:
-        """Give amount of payment p back; a refund the provider refuses is settled by hand."""
-        money = f"{amount} {self.inp.currency}"
-        try:
-            result = await workflow.execute_activity_method(
-                PaymentActivities.refund_payment,
-                RefundRequest(
-                    idempotency_key=key,
-                    order_no=self.inp.order_no,
-                    original_key=p.key,
-                    amount=amount,
-                    currency=self.inp.currency,
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=business_retry() if self.hardened else None,
-                summary=f"refund {money}" + (f" ({why})" if self.hardened else ""),
-            )
-        except ActivityError as err:
-            # never a failed workflow (older instances too: this path had no commands after it)
-            await self._settle_by_hand(
-                f"refund {money} of payment {p.key} by hand ({why}): {cause_of(err)}"
-            )
-            return
-        self.payments.append(
-            PaymentView(
-                key=key,
-                kind="refund",
-                amount=amount,
-                provider_ref=result.provider_ref,
-                original_key=p.key,
-            )
-        )
-        self.rt.audit(
-            SYSTEM_ACTOR, "payment_refunded", f"{money} ({why})", {"idempotency_key": key}
-        )
-
-    async def _settle_by_hand(self, what: str) -> None:
-        """Money the process cannot move itself: a finance task, and the stage says so."""
-        self.rt.audit(SYSTEM_ACTOR, "needs_attention", what)
-        task = self.open_task(
-            name=what[:200],
-            kind="settlement",
-            roles=["finance"],
-            outcomes=[SETTLED],
-            times=self.policy.approval_timers.task_times(),
-            required_fields={SETTLED: ["comment"]},
-            four_eyes=False,
-        )
-        task.deadline_at = None  # settled by a person, never timed out
-        self.settlements.append(task)
-        await self.set_stage(Stage.NEEDS_ATTENTION, what)
-
-    async def before_end(self) -> None:
-        """Wait (not interruptible: the process is ending) until finance settled by hand."""
-        while any(t.is_open for t in self.settlements):
-            await self.wait(
-                lambda: all(not t.is_open for t in self.settlements),
-                "finance to settle money by hand",
-                interruptible=False,
-            )
-
-    async def _refund_excess(self) -> None:
-        """Money received beyond the amount due goes back (or, by policy, to a finance task)."""
-        excess = -self._balance()
-        if excess <= 0:
-            return
-        if self.policy.overpayment == "finance_task":
-            await self._settle_by_hand(f"overpayment of {excess} {self.inp.currency}")
-            return
-        for p in reversed([p for p in self.payments if p.kind == "incoming"]):
-            amount = min(excess, self._refundable(p))
-            if amount <= 0:
-                continue
-            n = sum(1 for r in self.payments if r.kind == "refund") + 1
-            await self._refund(p, amount, f"{self.rt.workflow_id}:refund-excess:{n}", "overpayment")
-            excess -= amount
-            if excess <= 0:
-                break
+        await self.refund_all("compensation")
 
     # ================================================================== kernel hooks
     def interrupted(self) -> bool:
@@ -790,26 +596,23 @@ class SalesOrderWorkflow(HumanProcess):
         key = key or f"customer:{self.rt.audit_count}"
         await self.notify(key, subject, body, to_emails=[self.inp.customer.email])
 
+    async def ask_for_payment(self, needed: Decimal, what: str) -> None:
+        no, text = self.inp.order_no, self.ledger.text(needed)
+        await self._notify_customer(
+            f"Order {no}: payment of {text} expected", f"Please pay {text} ({what}) for order {no}."
+        )
+
+    def overpayment(self) -> Overpayment:
+        return self.policy.overpayment
+
+    def settlement_times(self) -> TaskTimes:
+        return self.policy.approval_timers.task_times()
+
     # ================================================================== derived values
     def _installment_amount(self, index: int) -> Decimal:
-        shares = [_money(self.amount_due * p / Decimal(100)) for p in self.inp.installments]
+        shares = [money(self.amount_due * p / Decimal(100)) for p in self.inp.installments]
         shares[-1] = self.amount_due - sum(shares[:-1], Decimal(0))  # rounding goes to the last
         return shares[index]
-
-    def _paid(self) -> Decimal:
-        return _money(sum((p.amount for p in self.payments if p.kind != "refund"), Decimal(0)))
-
-    def _refunded(self) -> Decimal:
-        return _money(sum((p.amount for p in self.payments if p.kind == "refund"), Decimal(0)))
-
-    def _net_paid(self) -> Decimal:
-        return self._paid() - self._refunded()
-
-    def _due(self) -> Decimal:
-        return Decimal(0) if self.stopped else self.amount_due
-
-    def _balance(self) -> Decimal:
-        return self._due() - self._net_paid()
 
     def _line_records(self) -> list[OrderLineRecord]:
         return [
@@ -832,16 +635,9 @@ class SalesOrderWorkflow(HumanProcess):
             order_no=self.inp.order_no,
             variant=self.inp.variant,
             customer_id=self.inp.customer.id,
-            currency=self.inp.currency,
             amount=self.amount,
-            amount_due=self.amount_due,
-            paid=self._paid(),
-            refunded=self._refunded(),
-            due=self._due(),
-            balance=self._balance(),
             special_change=bool(self.amendments),
             amendments=list(self.amendments),
-            payments=list(self.payments),
             tracking_no=self.tracking_no,
             invoice_no=self.invoice_no,
         )
@@ -912,86 +708,6 @@ class SalesOrderWorkflow(HumanProcess):
             raise refuse(CONFLICT, "the order is already being cancelled")
         if inp.actor.username != self.inp.requester and not CANCEL_ROLES & set(inp.actor.roles):
             raise refuse(NOT_PERMITTED, "only the requester or a manager may cancel an order")
-
-    @workflow.signal(unfinished_policy=workflow.HandlerUnfinishedPolicy.ABANDON)
-    async def payment_received(self, event: PaymentEvent) -> None:
-        """The provider reports a payment; a redelivered event id changes nothing (instances
-        started before 2026-12 are told through this signal; newer callers use `pay`)."""
-        if event.event_id in self.seen_payment_events or self.rt.done:
-            return
-        await self._receive_payment(event)
-
-    @workflow.update
-    async def pay(self, event: PaymentEvent) -> PaymentOutcome:
-        """The provider reports a payment; refused (Conflict) when the event belongs to another
-        order or was reported with another amount; its money then counts nowhere."""
-        refusal = await self._receive_payment(event)
-        if refusal:
-            raise refuse(CONFLICT, refusal)
-        return PaymentOutcome(
-            event_id=event.event_id,
-            paid=self._paid(),
-            refunded=self._refunded(),
-            balance=self._balance(),
-        )
-
-    @pay.validator
-    def _validate_pay(self, event: PaymentEvent) -> None:
-        self.refuse_if_ended()
-        known = self.seen_payment_events.get(event.event_id)
-        if known is not None and known != event.amount:
-            raise refuse(
-                CONFLICT,
-                f"payment event {event.event_id} was reported with {known} "
-                f"{self.inp.currency}, not {event.amount}",
-            )
-        if known is not None:  # redelivery: nothing to do, nothing written to history
-            raise refuse(DUPLICATE_EVENT, f"payment event {event.event_id} is already recorded")
-
-    async def _receive_payment(self, event: PaymentEvent) -> str:
-        """Book a reported payment in the ledger; returns why it was refused ('' if booked)."""
-        self.seen_payment_events[event.event_id] = event.amount
-        async with self.rt.event():
-            key = f"incoming:{event.event_id}"
-            try:
-                result = await workflow.execute_activity_method(
-                    PaymentActivities.record_incoming_payment,
-                    IncomingPayment(
-                        event_id=event.event_id,
-                        order_no=self.inp.order_no,
-                        amount=event.amount,
-                        currency=self.inp.currency,
-                    ),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=business_retry() if self.hardened else None,
-                    summary=f"record incoming payment {event.amount} {self.inp.currency}",
-                )
-            except ActivityError as err:
-                cause = err.cause
-                if not (
-                    isinstance(cause, ApplicationError) and cause.type == PAYMENT_EVENT_CONFLICT
-                ):
-                    raise
-                del self.seen_payment_events[event.event_id]  # it is not this order's
-                refused = {"event_id": event.event_id}
-                self.rt.audit("provider", "payment_refused", cause.message, refused)
-                return cause.message
-            if any(p.key == key for p in self.payments):
-                return ""
-            self.payments.append(
-                PaymentView(
-                    key=key, kind="incoming", amount=result.amount, provider_ref=result.provider_ref
-                )
-            )
-            self.rt.audit(
-                "provider",
-                "payment_received",
-                f"{result.amount} {self.inp.currency}",
-                {"event_id": event.event_id},
-            )
-            if self.hardened and not self.stopped and self.cancel_request is None:
-                await self._refund_excess()
-        return ""
 
     def _refuse_if_shipped(self, what: str) -> None:
         if self.stage in SHIPPED_OR_LATER or self.rt.done:
