@@ -26,10 +26,8 @@ from activities.warehouse import WarehouseActivities
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings
 from core.temporal import connect
-from workflows.sales_order import PROCESS_TYPE as SALES_ORDER
-from workflows.sales_order import TERMINAL_STAGES, SalesOrderWorkflow
+from workflows import registry
 
-WORKFLOWS = [SalesOrderWorkflow]
 # The sandbox re-imports every non-passthrough module for each workflow instance it creates
 # (a new order, or one replayed after eviction from the cache). For the workflows package
 # that meant ~40 ms of CPU and ~0.85 MB per instance, nearly all of it building the same
@@ -90,9 +88,9 @@ def build_worker(
     reconciler: ReadModelReconciler | None = None,
     **worker_options,
 ) -> ProcflowWorker:
-    """One worker with every workflow and activity, its mail dispatcher and its read-model
-    reconciler (by default polling as PROCFLOW_RECONCILE_* say); tests and `main` both build
-    it here."""
+    """One worker with the workflow of every registered process type and every activity, its
+    mail dispatcher and its read-model reconciler (by default polling as PROCFLOW_RECONCILE_*
+    say, for every registered type); tests and `main` both build it here."""
     dispatcher = dispatcher or MailDispatcher(session_factory, sender)
     if reconciler is None:
         settings = get_settings()
@@ -101,8 +99,8 @@ def build_worker(
             session_factory,
             poll_s=settings.reconcile_poll_s,
             lookback_s=settings.reconcile_lookback_s,
-            process_types=[SALES_ORDER],
-            final_stages=TERMINAL_STAGES,
+            process_types=list(registry.PROCESS_TYPES),
+            final_stages=registry.terminal_stages(),
         )
     records = RecordActivities(session_factory, mail_queued=dispatcher.wake)
     notifications = NotificationActivities(session_factory, sender)
@@ -111,7 +109,7 @@ def build_worker(
     worker = Worker(
         client,
         task_queue=task_queue,
-        workflows=WORKFLOWS,
+        workflows=registry.workflows(),
         workflow_runner=WORKFLOW_RUNNER,
         activities=[
             records.load_policy,

@@ -15,7 +15,16 @@ from api.deps import TemporalConnection
 from api.errors import TemporalUnavailable, responses
 from api.jsonbody import JsonNumberGuard
 from api.limits import BodySizeLimit, ConcurrencyLimit, RateLimiter
-from api.routers import auth, health, orders, outbox, policies, tasks
+from api.routers import (
+    auth,
+    health,
+    orders,
+    outbox,
+    policies,
+    process_types,
+    processes,
+    tasks,
+)
 from api.security import HashSlots
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings
@@ -83,7 +92,9 @@ def create_app(
     app.add_middleware(JsonNumberGuard)  # inside BodySizeLimit (added later: outermost)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     errors.install(app)
-    for module in (auth, orders, tasks, policies, outbox):
+    for module in (auth, orders, processes, tasks, policies, outbox):
         app.include_router(module.router, responses=responses(400, 413, 429))
+    processes.install_openapi(app)  # each process type's start, event and status schemas
+    app.include_router(process_types.router, responses=responses(400, 413, 429))
     app.include_router(health.router, responses=responses(413))
     return app

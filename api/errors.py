@@ -28,15 +28,15 @@ from temporalio.service import RPCStatusCode
 
 from api.limits import TemporalBusy
 from api.schemas import ErrorOut
-from workflows.human_task import (
+from workflows.errors import (
     CONFLICT,
     FOUR_EYES,
     INVALID_DECISION,
+    NOT_CANCELLABLE,
     NOT_PERMITTED,
     TASK_CLOSED,
     TASK_NOT_FOUND,
 )
-from workflows.sales_order import NOT_CANCELLABLE
 
 log = logging.getLogger("procflow.api")
 
@@ -104,6 +104,13 @@ def field_error(field: str, msg: str, type_: str = "value_error") -> HTTPExcepti
     return HTTPException(
         status.HTTP_422_UNPROCESSABLE_CONTENT,
         [{"type": type_, "loc": ["body", *field.split(".")], "msg": msg}],
+    )
+
+
+def param_error(where: str, name: str, msg: str, type_: str = "value_error") -> HTTPException:
+    """A 422 in FastAPI's list format for one query or path parameter (where: "query")."""
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT, [{"type": type_, "loc": [where, name], "msg": msg}]
     )
 
 

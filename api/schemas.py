@@ -148,6 +148,41 @@ class OrderSearchPage(BaseModel):
     offset: int
 
 
+# ------------------------------------------------------------------------------ processes
+class ProcessHit(BaseModel):
+    """One instance of any process type as Temporal visibility reports it (eventually
+    consistent)."""
+
+    process_type: str | None
+    business_key: str
+    workflow_id: str
+    stage: str | None
+    status: str | None = Field(description="execution status: RUNNING, COMPLETED, ...")
+    requester: str | None
+    customer_id: str | None
+    pending_roles: list[str] = Field(description="the roles the instance waits for")
+    started_at: datetime | None
+    closed_at: datetime | None
+
+
+class ProcessPage(BaseModel):
+    items: list[ProcessHit]
+    query: str = Field(description="the visibility query that was run")
+    limit: int
+    next_page_token: str | None = Field(
+        description="pass as page_token for the next page of the same search; null: no more"
+    )
+
+
+class EventReceipt(Accepted):
+    """What an external event did: the outcome its update answered, or for a duplicate (the
+    event was reported before: nothing changed) what the type reports of it."""
+
+    event: str
+    duplicate: bool = False
+    outcome: Any = None
+
+
 # ------------------------------------------------------------------------------ tasks
 class DecisionBody(Body):
     outcome: str = Field(min_length=1, max_length=32)

@@ -1,4 +1,5 @@
-"""Demo data: users (password "demo"), the first sales_order policy, stock items.
+"""Demo data: users (password "demo"), version 1 of the policy of every registered process
+type that has one (its built-in defaults), stock items.
 
 `python -m scripts.seed`; idempotent: rows that exist are left alone.
 """
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from core.db import PolicyVersion, StockItem, User, make_engine, make_session_factory
 from core.settings import get_settings
-from workflows.policy import default_policy_document
+from workflows import registry
 
 log = logging.getLogger("procflow.seed")
 
@@ -67,17 +68,17 @@ async def seed(session_factory: async_sessionmaker) -> dict[str, int]:
             )
             added["users"] += 1
 
-        has_policy = (
-            await session.execute(
-                select(PolicyVersion.id).where(PolicyVersion.process_type == "sales_order").limit(1)
-            )
-        ).first()
-        if has_policy is None:
+        published = set(
+            (await session.execute(select(PolicyVersion.process_type).distinct())).scalars()
+        )
+        for process_type in registry.with_policy():
+            if process_type.name in published:
+                continue
             session.add(
                 PolicyVersion(
-                    process_type="sales_order",
+                    process_type=process_type.name,
                     version=1,
-                    document=default_policy_document("sales_order"),
+                    document=process_type.default_policy(),
                     published_by="system",
                     note="initial policy (built-in defaults)",
                 )

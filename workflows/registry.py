@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from workflows import sales_order
-from workflows.policy import POLICY_MODELS, PolicyModel
+from workflows.policy import POLICY_MODELS, STRICT, PolicyModel
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,21 @@ class ProcessType:
     start_roles: frozenset[str] = frozenset()  # who may start one (empty: any signed-in user)
 
     def default_policy(self) -> dict | None:
+        """The built-in policy document (what version 0 means); None: the type has no policy."""
         if self.policy_model is None:
             return None
         return self.policy_model().model_dump(mode="json")
+
+    def validate_policy(self, document: dict, *, strict: bool = False) -> PolicyModel:
+        """The document as the type's policy model; pydantic.ValidationError if it is not one,
+        ValueError if the type has no policy. strict (publishing): every key must be given."""
+        if self.policy_model is None:
+            raise ValueError(f"process type {self.name} has no policy")
+        return self.policy_model.model_validate(document, context={STRICT: strict})
+
+    @property
+    def cancellable(self) -> bool:
+        return self.cancel_update is not None
 
 
 SALES_ORDER = ProcessType(
@@ -91,8 +103,11 @@ SALES_ORDER = ProcessType(
     cancel_roles=frozenset(sales_order.CANCEL_ROLES),
 )
 
-_TYPES: dict[str, ProcessType] = {SALES_ORDER.name: SALES_ORDER}
-PROCESS_TYPES: Mapping[str, ProcessType] = MappingProxyType(_TYPES)
+# Read it as `registry.PROCESS_TYPES` (not `from ... import`): `register` and `unregister`
+# rebind it to a new read-only mapping instead of changing one in place, because production
+# workers share the workflows package between instances (sandbox passthrough) and it keeps no
+# mutable module state (tests/workflows/test_module_state.py).
+PROCESS_TYPES: Mapping[str, ProcessType] = MappingProxyType({SALES_ORDER.name: SALES_ORDER})
 
 
 class UnknownProcessType(KeyError):
@@ -102,7 +117,7 @@ class UnknownProcessType(KeyError):
 def get(name: str) -> ProcessType:
     """The registered type of this name; UnknownProcessType (a KeyError) otherwise."""
     try:
-        return _TYPES[name]
+        return PROCESS_TYPES[name]
     except KeyError:
         raise UnknownProcessType(name) from None
 
@@ -110,20 +125,32 @@ def get(name: str) -> ProcessType:
 def register(process_type: ProcessType) -> ProcessType:
     """Add a process type (tests add their own); the same type again is a no-op, another type
     under a registered name is refused."""
-    existing = _TYPES.get(process_type.name)
+    global PROCESS_TYPES
+    existing = PROCESS_TYPES.get(process_type.name)
     if existing is not None and existing is not process_type:
         raise ValueError(f"process type {process_type.name!r} is already registered")
-    _TYPES[process_type.name] = process_type
+    PROCESS_TYPES = MappingProxyType({**PROCESS_TYPES, process_type.name: process_type})
     return process_type
 
 
 def unregister(name: str) -> None:
     """Remove a process type registered by `register` (tests clean up with it)."""
+    global PROCESS_TYPES
     if name == SALES_ORDER.name:
         raise ValueError("the built-in process types cannot be removed")
-    _TYPES.pop(name, None)
+    PROCESS_TYPES = MappingProxyType({k: t for k, t in PROCESS_TYPES.items() if k != name})
 
 
 def workflows() -> list[type]:
-    """The workflow classes a worker runs."""
-    return [t.workflow for t in _TYPES.values()]
+    """The workflow classes a worker runs (one per class, in registration order)."""
+    return list(dict.fromkeys(t.workflow for t in PROCESS_TYPES.values()))
+
+
+def with_policy() -> list[ProcessType]:
+    """The registered types that have a policy document (policy endpoints, seeds)."""
+    return [t for t in PROCESS_TYPES.values() if t.policy_model is not None]
+
+
+def terminal_stages() -> frozenset[str]:
+    """Every stage in which some registered process has ended (the reconciler keeps them)."""
+    return frozenset().union(*(t.terminal_stages for t in PROCESS_TYPES.values()))

@@ -1,45 +1,23 @@
-"""Sales orders: start an instance, read its status, amend, cancel, report payments, search."""
+"""Sales orders: friendly aliases of the sales order's routes in /processes (start, status,
+cancel, the payment event), its own amend, read-model list and visibility search, and the
+sales order's gateway hooks (checks at start, ids of older code, search attributes, summary)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
 import pycountry
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
-from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from temporalio.client import (
-    Client,
-    WorkflowExecutionStatus,
-    WorkflowHandle,
-    WorkflowUpdateFailedError,
-)
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.common import SearchAttributePair
 
 from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep, require_roles
-from api.errors import (
-    RETRY_AFTER_S,
-    application_error_of,
-    body_errors,
-    is_not_found,
-    is_process_ended,
-    not_found_as,
-    responses,
-)
-from api.routers.health import database_takes_write
+from api.errors import responses
+from api.routers import processes
+from api.routers.processes import GatewayHooks, quote
 from api.schemas import (
     MAX_OFFSET,
     AmendBody,
@@ -54,39 +32,31 @@ from api.schemas import (
     QueryText,
 )
 from core.db import Order, PolicyVersion, StockItem
-from core.settings import Settings
-from core.temporal import AMOUNT, CUSTOMER_ID, PROCESS_TYPE, REQUESTER, STAGE
+from core.temporal import AMOUNT, CUSTOMER_ID, STAGE
+from workflows import registry
 from workflows.policy import SalesOrderPolicy
 from workflows.sales_order import (
-    DUPLICATE_EVENT,
     LEGACY_WORKFLOW_ID_PREFIX,
-    MEMO_FINGERPRINT,
-    TERMINAL_STAGES,
+    PROCESS_TYPE,
     WORKFLOW_ID_PREFIX,
     AmendInput,
-    CancelInput,
     OrderDetails,
     PaymentEvent,
+    PaymentOutcome,
     SalesOrderInput,
-    SalesOrderResult,
     SalesOrderStatus,
-    SalesOrderWorkflow,
     Stage,
     amount_of,
     input_fingerprint,
-    sales_order_workflow_id,
-    submission,
 )
-from workflows.sales_order import PROCESS_TYPE as SALES_ORDER
-
-log = logging.getLogger("procflow.api")
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
+SALES_ORDER = registry.get(PROCESS_TYPE)
+PAYMENT = SALES_ORDER.events["payment"]
+
 Submitter = Annotated[Principal, Depends(require_roles("requester", "sales", "manager"))]
 Finance = Annotated[Principal, Depends(require_roles("finance"))]
-
-OrderHandle = WorkflowHandle[SalesOrderWorkflow, SalesOrderResult]
 
 # an order number as OrderDetails accepts it; anything else is 422 before Temporal is asked
 OrderNo = Annotated[str, Path(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
@@ -96,22 +66,6 @@ MAX_AMOUNT = Decimal("1e16")
 MAX_SEARCH_OFFSET = 10_000
 # the same answer whoever holds the number (another requester's order is not revealed)
 ORDER_NO_TAKEN = "order_no already used with a different order"
-DATABASE_READ_ONLY = "the database does not take writes: no order is started; retry later"
-# between two status queries of a resubmitted order that is still acting on something
-SETTLE_POLL_MIN_S = 0.02
-SETTLE_POLL_MAX_S = 0.25
-
-
-def _rpc_timeout(settings: Settings) -> timedelta:
-    return timedelta(seconds=settings.temporal_rpc_timeout_s)
-
-
-def _update_timeout(settings: Settings) -> timedelta:
-    return timedelta(seconds=settings.update_wait_s)
-
-
-def _handle(client: Client, workflow_id: str) -> OrderHandle:
-    return client.get_workflow_handle_for(SalesOrderWorkflow.run, workflow_id)
 
 
 def order_no_of(workflow_id: str) -> str:
@@ -128,13 +82,6 @@ async def _recorded_workflow_id(session: AsyncSession, order_no: str) -> str | N
     return await session.scalar(select(Order.workflow_id).where(Order.order_no == order_no))
 
 
-async def _workflow_id(session: AsyncSession, order_no: str) -> str:
-    """The order's instance id; the session's connection is given back before Temporal waits."""
-    recorded = await _recorded_workflow_id(session, order_no)
-    await session.close()
-    return recorded or sales_order_workflow_id(order_no)
-
-
 def _unknown(order_no: str) -> str:
     return f"order {order_no} not found"
 
@@ -146,12 +93,19 @@ def summary_line(inp: SalesOrderInput) -> str:
     return f"Sales order {inp.order_no} - {customer} - {amount:,.2f} {inp.currency}"
 
 
+def _search_attributes(inp: SalesOrderInput) -> list[SearchAttributePair]:
+    return [
+        SearchAttributePair(CUSTOMER_ID, inp.customer.id),
+        SearchAttributePair(AMOUNT, float(amount_of(inp.lines))),
+    ]
+
+
 # ------------------------------------------------------------------------------ submission
 async def current_policy(session: AsyncSession) -> SalesOrderPolicy:
     """The policy new instances load at start: the newest published version, else defaults."""
     document = await session.scalar(
         select(PolicyVersion.document)
-        .where(PolicyVersion.process_type == SALES_ORDER)
+        .where(PolicyVersion.process_type == SALES_ORDER.name)
         .order_by(PolicyVersion.version.desc())
         .limit(1)
     )
@@ -194,63 +148,31 @@ async def _check_submission(session: AsyncSession, inp: SalesOrderInput) -> None
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
 
 
-def _ready(result: SalesOrderStatus) -> bool:
-    """The instance acted on everything it received and waits (or has ended); an instance that
-    has not reached its first wait yet reports settled too, but no waiting_for."""
-    return result.settled and (bool(result.waiting_for) or result.stage in TERMINAL_STAGES)
+def _duplicate_payment(event: PaymentEvent, current: SalesOrderStatus) -> PaymentOutcome:
+    """A payment event reported again as it was: what the ledger holds now."""
+    return PaymentOutcome(
+        event_id=event.event_id,
+        duplicate=True,
+        paid=current.paid,
+        refunded=current.refunded,
+        balance=current.balance,
+    )
 
 
-async def _settled_status(handle: OrderHandle, settings: Settings) -> SalesOrderStatus:
-    """The status of a running instance once it is settled, by queries only (nothing enters its
-    history); after settings.update_wait_s the last status, with settled false."""
-    deadline = time.monotonic() + settings.update_wait_s
-    pause = SETTLE_POLL_MIN_S
-    while True:
-        remaining = deadline - time.monotonic()
-        wait = timedelta(seconds=max(0.5, min(settings.temporal_rpc_timeout_s, remaining)))
-        try:
-            result = await handle.query(SalesOrderWorkflow.status, rpc_timeout=wait)
-        except RPCError as err:
-            # the instance has not completed its first workflow task yet (WorkflowNotReady)
-            if err.status != RPCStatusCode.FAILED_PRECONDITION or remaining <= 0:
-                raise
-        else:
-            if _ready(result) or remaining <= 0:
-                return result
-        await asyncio.sleep(min(pause, max(remaining, 0.0)))
-        pause = min(pause * 2, SETTLE_POLL_MAX_S)
-
-
-async def _resubmitted(
-    handle: OrderHandle, fingerprint: str, settings: Settings, response: Response
-) -> SalesOrderStatus:
-    """A start for an order number that has an instance: the same request again answers 200
-    with its status (writing nothing to its history); anything else, whoever submitted the
-    first, is 409 with the same text."""
-    try:
-        desc = await handle.describe(rpc_timeout=_rpc_timeout(settings))
-    except RPCError as err:
-        if is_not_found(err):  # recorded, but no longer kept by Temporal: the number is taken
-            raise HTTPException(status.HTTP_409_CONFLICT, ORDER_NO_TAKEN) from None
-        raise
-    if await desc.memo_value(MEMO_FINGERPRINT, None) != fingerprint:
-        raise HTTPException(status.HTTP_409_CONFLICT, ORDER_NO_TAKEN)
-    response.status_code = status.HTTP_200_OK
-    if desc.status == WorkflowExecutionStatus.RUNNING:
-        return await _settled_status(handle, settings)
-    return await handle.query(SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings))
-
-
-async def _started_status(handle: OrderHandle, settings: Settings) -> SalesOrderStatus:
-    """The status of the instance this request started, once its first tasks are open."""
-    try:
-        return await handle.execute_update(
-            SalesOrderWorkflow.settle, rpc_timeout=_update_timeout(settings)
-        )
-    except Exception as err:
-        if not is_process_ended(err):
-            raise
-    return await handle.query(SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings))
+HOOKS = processes.register_hooks(
+    SALES_ORDER.name,
+    GatewayHooks(
+        check_start=_check_submission,
+        recorded_workflow_id=_recorded_workflow_id,
+        search_attributes=_search_attributes,
+        summary=summary_line,
+        fingerprint=input_fingerprint,
+        business_key_of=order_no_of,
+        not_found=_unknown,
+        key_taken=ORDER_NO_TAKEN,
+        duplicate_outcomes={PAYMENT.name: _duplicate_payment},
+    ),
+)
 
 
 @router.post(
@@ -270,57 +192,12 @@ async def submit_order(
     settings: SettingsDep,
     request: Request,
     response: Response,
-) -> SalesOrderStatus:
-    """Start the order's process; returns its status once its first tasks are in the inboxes."""
-    try:
-        inp = submission(details, user.username)
-    except ValidationError as err:  # the checks that run for new submissions only
-        raise body_errors(err) from None
-    fingerprint = input_fingerprint(inp)
-    # an order number the read model knows has an instance (perhaps under a legacy id)
-    recorded = await _recorded_workflow_id(session, inp.order_no)
-    if recorded is None:
-        await _check_submission(session, inp)
-    await session.close()  # no database connection held while waiting on Temporal
-    if recorded is not None:
-        return await _resubmitted(_handle(client, recorded), fingerprint, settings, response)
-    # an instance that cannot write its read model would hang at its first step: start none
-    try:
-        await database_takes_write(request.app.state.engine, settings.temporal_rpc_timeout_s)
-    except Exception as err:  # noqa: BLE001 - read-only, locked, unreachable: all the same
-        log.warning(
-            "order %s not started: the database does not take writes: %s", inp.order_no, err
-        )
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            DATABASE_READ_ONLY,
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from None
-    wid = sales_order_workflow_id(inp.order_no)
-    try:
-        handle = await client.start_workflow(
-            SalesOrderWorkflow.run,
-            inp,
-            id=wid,
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            memo={MEMO_FINGERPRINT: fingerprint},
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(PROCESS_TYPE, SALES_ORDER),
-                    SearchAttributePair(STAGE, Stage.RECEIVED.value),
-                    SearchAttributePair(CUSTOMER_ID, inp.customer.id),
-                    SearchAttributePair(AMOUNT, float(amount_of(inp.lines))),
-                    SearchAttributePair(REQUESTER, inp.requester),
-                ]
-            ),
-            static_summary=summary_line(inp),
-            rpc_timeout=_rpc_timeout(settings),
-        )
-    except WorkflowAlreadyStartedError:
-        return await _resubmitted(_handle(client, wid), fingerprint, settings, response)
-    return await _started_status(handle, settings)
+) -> Any:
+    """Start the order's process; returns its status once its first tasks are in the inboxes
+    (`POST /processes/sales_order`)."""
+    return await processes.start(
+        SALES_ORDER, details, user, client, session, settings, request, response
+    )
 
 
 # ------------------------------------------------------------------------------ lists
@@ -365,11 +242,6 @@ async def list_orders(
     )
 
 
-def quote(value: str) -> str:
-    """A string literal for a visibility query: quotes and backslashes escaped."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def visibility_query(
     stage: Stage | None,
     customer_id: str | None,
@@ -377,7 +249,7 @@ def visibility_query(
     max_amount: Decimal | None,
     requester: str | None = None,
 ) -> str:
-    clauses = [f"ProcessType = {quote(SALES_ORDER)}"]
+    clauses = [f"ProcessType = {quote(SALES_ORDER.name)}"]
     if requester is not None:
         clauses.append(f"Requester = {quote(requester)}")
     if stage is not None:
@@ -414,7 +286,9 @@ async def search_orders(
     hits: list[OrderSearchHit] = []
     seen = 0
     async for wf in client.list_workflows(
-        query, page_size=min(limit + offset, 1000), rpc_timeout=_rpc_timeout(settings)
+        query,
+        page_size=min(limit + offset, 1000),
+        rpc_timeout=timedelta(seconds=settings.temporal_rpc_timeout_s),
     ):
         seen += 1
         if seen <= offset:
@@ -436,19 +310,6 @@ async def search_orders(
 
 
 # ------------------------------------------------------------------------------ one order
-async def _visible_status(
-    client: Client, workflow_id: str, order_no: str, user: Principal, settings: Settings
-) -> SalesOrderStatus:
-    """The order's status; 404 for a requester who did not submit it (its existence is hidden)."""
-    with not_found_as(_unknown(order_no)):
-        result = await _handle(client, workflow_id).query(
-            SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings)
-        )
-    if user.requester_only and result.requester != user.username:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _unknown(order_no))
-    return result
-
-
 @router.get(
     "/{order_no}", response_model=SalesOrderStatus, responses=responses(401, 404, 409, 422, 503)
 )
@@ -458,10 +319,10 @@ async def order_status(
     client: TemporalDep,
     session: SessionDep,
     settings: SettingsDep,
-) -> SalesOrderStatus:
-    """The live status of an order: stage, pending tasks, decisions, payments, policy version."""
-    wid = await _workflow_id(session, order_no)
-    return await _visible_status(client, wid, order_no, user, settings)
+) -> Any:
+    """The live status of an order: stage, pending tasks, decisions, payments, policy version
+    (`GET /processes/sales_order/{order_no}`)."""
+    return await processes.visible_status(SALES_ORDER, order_no, user, client, session, settings)
 
 
 @router.post(
@@ -476,11 +337,12 @@ async def amend_order(
     client: TemporalDep,
     session: SessionDep,
     settings: SettingsDep,
-) -> SalesOrderStatus:
+) -> Any:
     """Record a special change; procurement, production and inspection must acknowledge it."""
     arg = AmendInput(description=body.description, actor=user.actor)
-    wid = await _workflow_id(session, order_no)
-    return await _order_update(client, wid, order_no, user, settings, SalesOrderWorkflow.amend, arg)
+    return await processes.update_visible(
+        SALES_ORDER, order_no, "amend", arg, user, client, session, settings
+    )
 
 
 @router.post(
@@ -495,31 +357,12 @@ async def cancel_order(
     client: TemporalDep,
     session: SessionDep,
     settings: SettingsDep,
-) -> SalesOrderStatus:
-    """Cancel the order (requester or manager); what was already done is compensated."""
-    arg = CancelInput(reason=body.reason, actor=user.actor)
-    wid = await _workflow_id(session, order_no)
-    return await _order_update(
-        client, wid, order_no, user, settings, SalesOrderWorkflow.cancel, arg
+) -> Any:
+    """Cancel the order (requester or manager); what was already done is compensated
+    (`POST /processes/sales_order/{order_no}/cancel`)."""
+    return await processes.cancel(
+        SALES_ORDER, order_no, body.reason, user, client, session, settings
     )
-
-
-async def _order_update(
-    client: Client,
-    workflow_id: str,
-    order_no: str,
-    user: Principal,
-    settings: Settings,
-    update: Any,  # SalesOrderWorkflow.amend or .cancel
-    arg: AmendInput | CancelInput,
-) -> SalesOrderStatus:
-    """Run an update on an order the caller may see (another requester's order is a 404)."""
-    if user.requester_only:
-        await _visible_status(client, workflow_id, order_no, user, settings)
-    with not_found_as(_unknown(order_no)):
-        return await _handle(client, workflow_id).execute_update(
-            update, arg, rpc_timeout=_update_timeout(settings)
-        )
 
 
 @router.post(
@@ -537,25 +380,10 @@ async def report_payment(
     settings: SettingsDep,
 ) -> PaymentReceipt:
     """Report an incoming payment (finance): booked once in the ledger; the same event again
-    changes nothing (202, duplicate), for another order or amount it is 409 and counts nowhere."""
-    wid = await _workflow_id(session, order_no)
+    changes nothing (202, duplicate), for another order or amount it is 409 and counts nowhere
+    (`POST /processes/sales_order/{order_no}/events/payment`)."""
     event = PaymentEvent(event_id=body.event_id, amount=body.amount)
-    handle = _handle(client, wid)
-    try:
-        with not_found_as(_unknown(order_no)):
-            outcome = await handle.execute_update(
-                SalesOrderWorkflow.pay, event, rpc_timeout=_update_timeout(settings)
-            )
-    except WorkflowUpdateFailedError as err:
-        refusal = application_error_of(err)
-        if refusal is None or refusal.type != DUPLICATE_EVENT:
-            raise
-        st = await handle.query(SalesOrderWorkflow.status, rpc_timeout=_rpc_timeout(settings))
-        return PaymentReceipt(
-            event_id=event.event_id,
-            duplicate=True,
-            paid=st.paid,
-            refunded=st.refunded,
-            balance=st.balance,
-        )
-    return PaymentReceipt(**outcome.model_dump())
+    receipt = await processes.send_event(
+        SALES_ORDER, order_no, PAYMENT, event, user, client, session, settings
+    )
+    return PaymentReceipt.model_validate(receipt.outcome)

@@ -13,17 +13,24 @@ from api.deps import CurrentUser, SessionDep, require_roles
 from api.errors import responses
 from api.schemas import PolicyOut, Principal, PublishedPolicy, PublishPolicyBody
 from core.db import PolicyVersion
-from workflows.policy import POLICY_MODELS, default_policy_document, validate_policy
+from workflows import registry
 
 router = APIRouter(prefix="/policies", tags=["policies"])
 
 Admin = Annotated[Principal, Depends(require_roles("admin"))]
 
 
-def _known(process_type: str) -> str:
-    if process_type not in POLICY_MODELS:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown process type {process_type}")
-    return process_type
+def _known(process_type: str) -> registry.ProcessType:
+    """The registered type of this name, if it has a policy; 404 naming it otherwise."""
+    try:
+        found = registry.get(process_type)
+    except registry.UnknownProcessType:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"unknown process type {process_type}"
+        ) from None
+    if found.policy_model is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"process type {process_type} has no policy")
+    return found
 
 
 def _out(row: PolicyVersion) -> PolicyOut:
@@ -40,7 +47,7 @@ def _out(row: PolicyVersion) -> PolicyOut:
 @router.get("/{process_type}", response_model=PolicyOut, responses=responses(401, 404))
 async def current_policy(process_type: str, user: CurrentUser, session: SessionDep) -> PolicyOut:
     """The policy new instances of process_type start with (version 0: built-in defaults)."""
-    _known(process_type)
+    found = _known(process_type)
     row = await session.scalar(
         select(PolicyVersion)
         .where(PolicyVersion.process_type == process_type)
@@ -49,7 +56,7 @@ async def current_policy(process_type: str, user: CurrentUser, session: SessionD
     )
     if row is None:
         return PolicyOut(
-            process_type=process_type, version=0, document=default_policy_document(process_type)
+            process_type=process_type, version=0, document=found.default_policy() or {}
         )
     return _out(row)
 
@@ -81,9 +88,9 @@ async def publish_policy(
 ) -> PublishedPolicy:
     """Validate a complete document and publish it as the next version; running instances
     keep the version they loaded."""
-    _known(process_type)
+    found = _known(process_type)
     try:
-        model = validate_policy(process_type, body.document, strict=True)
+        model = found.validate_policy(body.document, strict=True)
     except ValidationError as err:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import and_, exists, func, or_, select
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep
 from api.errors import application_error_of, field_error, not_found_as, responses
@@ -26,19 +26,16 @@ from api.schemas import (
 )
 from core.db import AuditEntry, TaskCandidate, TaskRow, User
 from core.settings import Settings
+from workflows import registry
 from workflows.human_task import FOUR_EYES, NOT_PERMITTED, DecideInput, TaskActionInput
-from workflows.sales_order import (
-    ACKNOWLEDGED,
-    DecideResult,
-    SalesOrderWorkflow,
-    TaskView,
-)
+from workflows.kernel import DecideResult, TaskView
 
 log = logging.getLogger("procflow.api")
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 DECISION_REFUSED = "decision_refused"
+ACKNOWLEDGED = "acknowledged"  # the only outcome of an acknowledgement task
 
 ALL_ERRORS = responses(401, 403, 404, 409, 422, 503)
 
@@ -110,8 +107,31 @@ async def task_detail(task_id: str, user: CurrentUser, session: SessionDep) -> T
     return _out(await _task(session, task_id, user), user)
 
 
-def _handle(client: Client, row: TaskRow):
-    return client.get_workflow_handle_for(SalesOrderWorkflow.run, row.workflow_id)
+def _process_type(row: TaskRow) -> registry.ProcessType:
+    """The registered type of the task's process; 409 naming it otherwise (nothing is sent)."""
+    try:
+        return registry.get(row.process_type)
+    except registry.UnknownProcessType:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"task {row.task_id} belongs to process type {row.process_type}, which is not "
+            "registered in this deployment",
+        ) from None
+
+
+def _update(process_type: registry.ProcessType, action: str) -> str:
+    """The name of the update of the type's workflow that performs this task action (the
+    kernel's handlers `decide`, `claim`, ... are updates of the same name)."""
+    if not callable(getattr(process_type.workflow, action, None)):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"process type {process_type.name} has no task action {action}",
+        )
+    return action
+
+
+def _handle(client: Client, row: TaskRow) -> WorkflowHandle:
+    return client.get_workflow_handle(row.workflow_id)
 
 
 def _wait(settings: Settings) -> timedelta:
@@ -129,6 +149,7 @@ async def _decide(
     settings: Settings,
 ) -> DecideResult:
     row = await _task(session, task_id, user)
+    update = _update(_process_type(row), "decide")
     if row.status == "open" and row.outcomes and row.requester == user.username:
         # the four-eyes rule, checked here too; the workflow's validator stays the authority
         reason = f"{user.username} requested this process and may not decide its own task"
@@ -138,7 +159,7 @@ async def _decide(
     try:
         with not_found_as(f"task {task_id} not found"):
             return await _handle(client, row).execute_update(
-                SalesOrderWorkflow.decide,
+                update,
                 DecideInput(
                     task_id=task_id,
                     outcome=outcome,
@@ -146,6 +167,7 @@ async def _decide(
                     fields=fields,
                     actor=user.actor,
                 ),
+                result_type=DecideResult,
                 rpc_timeout=_wait(settings),
             )
     except WorkflowUpdateFailedError as err:
@@ -215,13 +237,13 @@ async def _action(
     settings: Settings,
 ) -> TaskView:
     row = await _task(session, task_id, user)
+    update = _update(_process_type(row), action)
     to_roles: list[str] | None = None
     if to_user is not None:
         target = await session.get(User, to_user)
         if target is None or not target.active:
             raise field_error("to_user", f"no active user named {to_user}")
         to_roles = list(target.roles or [])  # the workflow checks the target is entitled
-    update = getattr(SalesOrderWorkflow, action)
     await session.close()  # no database connection held while the process moves on
     with not_found_as(f"task {task_id} not found"):
         return await _handle(client, row).execute_update(
@@ -233,6 +255,7 @@ async def _action(
                 to_roles=to_roles,
                 comment=comment,
             ),
+            result_type=TaskView,
             rpc_timeout=_wait(settings),
         )
 

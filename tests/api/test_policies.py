@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from scripts.seed import seed
 from tests.api.conftest import Api
+from tests.api.test_process_types import TINY, TINY_TYPE
+from workflows import registry
 from workflows.policy import default_policy_document
+from workflows.registry import ProcessType
 
 
 async def test_seeded_policy_is_version_1_and_matches_the_defaults(api: Api):
@@ -155,3 +164,55 @@ async def test_a_policy_that_would_break_instances_is_422_and_the_current_versio
     assert current["document"] == good
     versions = (await api.get("/policies/sales_order/versions", "alice")).json()
     assert [v["version"] for v in versions] == [2, 1]
+
+
+@contextmanager
+def _registered(process_type: ProcessType) -> Iterator[ProcessType]:
+    registry.register(process_type)
+    try:
+        yield process_type
+    finally:
+        registry.unregister(process_type.name)
+
+
+async def test_a_registered_type_without_a_policy_is_404_saying_so(api: Api):
+    with _registered(replace(TINY_TYPE, name="tiny_no_policy", policy_model=None)):
+        for r in (
+            await api.get("/policies/tiny_no_policy", "alice"),
+            await api.get("/policies/tiny_no_policy/versions", "alice"),
+            await api.post("/policies/tiny_no_policy", "ada", json={"document": {}}),
+        ):
+            assert r.status_code == 404, r.text
+            assert r.json()["detail"] == "process type tiny_no_policy has no policy"
+
+
+async def test_a_registered_types_policy_is_served_checked_and_published(api: Api):
+    with _registered(TINY_TYPE):
+        r = await api.get(f"/policies/{TINY}", "alice")
+        assert r.status_code == 200, r.text
+        assert (r.json()["version"], r.json()["document"]) == (0, {"review_days": 3})
+        r = await api.post(f"/policies/{TINY}", "ada", json={"document": {}})
+        assert _fields(r) == {"document.review_days"}  # strict: every key, by its own model
+        bad = {"review_days": "soon"}
+        assert _fields(await api.post(f"/policies/{TINY}", "ada", json={"document": bad})) == {
+            "document.review_days"
+        }
+        r = await api.post(f"/policies/{TINY}", "ada", json={"document": {"review_days": 5}})
+        assert r.status_code == 201, r.text
+        assert r.json() == {"process_type": TINY, "version": 1}
+        current = (await api.get(f"/policies/{TINY}", "alice")).json()
+        assert (current["version"], current["document"]) == (1, {"review_days": 5})
+    # the sales order's policy is its own
+    assert (await api.get("/policies/sales_order", "alice")).json()["version"] == 1
+
+
+async def test_the_seed_publishes_version_1_of_every_registered_types_policy(
+    api: Api, sessions: async_sessionmaker
+):
+    with _registered(TINY_TYPE):
+        added = await seed(sessions)
+        assert added["policies"] == 1  # the sales order's was seeded already
+        current = (await api.get(f"/policies/{TINY}", "alice")).json()
+        assert (current["version"], current["published_by"]) == (1, "system")
+        assert current["document"] == TINY_TYPE.default_policy()
+        assert (await seed(sessions))["policies"] == 0

@@ -51,6 +51,15 @@ ADMITS: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/policies/{process_type}/versions"): ANY,
     ("POST", "/policies/{process_type}"): frozenset({"admin"}),
     ("GET", "/outbox"): frozenset({"admin"}),
+    ("GET", "/process-types"): ANY,
+    ("GET", "/process-types/{process_type}"): ANY,
+    ("POST", "/processes/{process_type}"): frozenset({"requester", "sales", "manager"}),
+    ("GET", "/processes"): ANY,
+    ("GET", "/processes/{process_type}/{business_key}"): ANY,  # requesters: their own
+    ("POST", "/processes/{process_type}/{business_key}/cancel"): frozenset(
+        {"requester", "manager"}
+    ),
+    ("POST", "/processes/{process_type}/{business_key}/events/{event}"): frozenset({"finance"}),
 }
 
 
@@ -94,9 +103,17 @@ def _request(
     method: str, path: str, w: World
 ) -> Callable[[], dict[str, Any]]:  # a fresh request for each cell
     order, task = w.order, w.tasks.get(path.rsplit("/", 1)[-1], w.tasks["decision"])
-    url = path.format(order_no=order, task_id=task, process_type="sales_order")
-    if path == "/orders/{order_no}/cancel":
-        url = path.format(order_no=w.cancel_order)
+    url = path.format(
+        order_no=order,
+        task_id=task,
+        process_type="sales_order",
+        business_key=order,
+        event="payment",
+    )
+    if path in ("/orders/{order_no}/cancel", "/processes/{process_type}/{business_key}/cancel"):
+        url = path.format(
+            order_no=w.cancel_order, process_type="sales_order", business_key=w.cancel_order
+        )
     bodies: dict[str, Callable[[], dict[str, Any]]] = {
         "/auth/token": lambda: {"data": {"username": "alice", "password": DEMO_PASSWORD}},
         "/orders": lambda: {"json": order_body(100)},
@@ -110,6 +127,11 @@ def _request(
         "/tasks/{task_id}/delegate": lambda: {"json": {"to_user": role_user("vice-president")}},
         "/tasks/{task_id}/reassign": lambda: {"json": {"to_user": None}},
         "/policies/{process_type}": lambda: {"json": {"document": w.policy, "note": "matrix"}},
+        "/processes/{process_type}": lambda: {"json": order_body(100)},
+        "/processes/{process_type}/{business_key}/cancel": lambda: {"json": {"reason": "matrix"}},
+        "/processes/{process_type}/{business_key}/events/{event}": lambda: {
+            "json": {"event_id": f"evt-{uuid.uuid4()}", "amount": "1.00"}
+        },
     }
     key = path if method == "POST" else ""
     extra = bodies.get(key, dict)

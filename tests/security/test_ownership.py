@@ -175,6 +175,12 @@ def _valid_body(path: str) -> dict:
         "/tasks/{task_id}/decision": {"outcome": "approved"},
         "/tasks/{task_id}/delegate": {"to_user": "victor"},
         "/policies/{process_type}": {"document": {}},
+        "/processes/{process_type}": order_body(100),
+        "/processes/{process_type}/{business_key}/cancel": {"reason": "x"},
+        "/processes/{process_type}/{business_key}/events/{event}": {
+            "event_id": "e",
+            "amount": "1",
+        },
     }.get(path, {})
 
 
@@ -197,7 +203,13 @@ async def test_every_post_body_refuses_acting_user_and_status_fields(
             and method in (r.original_route.methods or ())
         ).original_route
         assert route.body_field is not None, f"{path} takes no body"
-        url = path.format(order_no="X1", task_id="nope", process_type="sales_order")
+        url = path.format(
+            order_no="X1",
+            task_id="nope",
+            process_type="sales_order",
+            business_key="X1",
+            event="payment",
+        )
         body = {**_valid_body(path), field: "ada"}
         r = await api.http.post(url, json=body, headers=bearer(settings, ROOT))
         assert r.status_code == 422, (path, field, r.text)
