@@ -57,13 +57,24 @@ when no due exists within `MAX_SPAN_DAYS` (a calendar with almost no working tim
 Inside the workflow sandbox: the zone is loaded through pydantic (the sandbox's `ZoneInfo(key)`
 returns a proxy that datetime refuses as a tzinfo), and the holiday library runs under
 `workflow.unsafe.sandbox_unrestricted()` where it loads its gettext catalogue or resolves a
-year (gettext calls `locale` functions the sandbox forbids). tests/workflows/
-test_calendar_timers.py runs the block in the default sandbox.
+year (gettext calls `locale` functions the sandbox forbids), with its imports passed through
+(its country modules are imported lazily, by importlib, which the sandbox's pass-through does
+not see: `_entity_class` imports them through it, so that the library is never imported a
+second time inside the sandbox, also when the `workflows` package itself is passed through).
+tests/workflows/test_calendar_timers.py runs the block in the default sandbox, and
+tests/workflows/test_calendar_tasks.py with the package passed through, as workers run it.
+
+**Comparing business durations** (policy checks): `business_minutes` measures a duration in
+working minutes of a calendar (a business day is one working day's hours), the order in which
+their dues fall from any start; `due_always_exists` says whether `due` finds a due from any
+start (conservatively), so that a published timer never raises `CalendarError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Literal, Self
 from zoneinfo import ZoneInfo
@@ -254,13 +265,13 @@ class HolidaySource(BaseModel):
     def _load(self) -> Self:
         # the entity's own language: with none given, the library reads the locale from the
         # environment (holiday names only, but workflow code reads no environment)
-        entity_class = getattr(holidays, self.country)
+        entity_class = _entity_class(self.country)
         language = entity_class.default_language
         try:
             # the library loads its names with gettext, which calls functions of `locale` that
             # the sandbox forbids (they would read the process's locale; given a language,
             # gettext only normalizes its name and reads the package's own catalogue)
-            with workflow.unsafe.sandbox_unrestricted():
+            with _library():
                 entity = holidays.country_holidays(
                     self.country,
                     subdiv=self.subdivision,
@@ -292,8 +303,30 @@ class HolidaySource(BaseModel):
         """Whether `day` is a holiday (its year is resolved on first use)."""
         if day.year in self._entity.years:
             return day in self._entity
-        with workflow.unsafe.sandbox_unrestricted():  # resolving a year: as in `_load`
+        with _library():  # resolving a year: as in `_load`
             return day in self._entity
+
+
+@contextlib.contextmanager
+def _library() -> Iterator[None]:
+    """Where the holiday library runs inside a workflow: unrestricted (gettext calls `locale`
+    functions), and with its own imports (`import holidays` inside its functions) passed
+    through: otherwise the sandbox would import the whole library again, for every instance."""
+    with workflow.unsafe.imports_passed_through(), workflow.unsafe.sandbox_unrestricted():
+        yield
+
+
+def _entity_class(country: str) -> Any:
+    """The library's class of `country`. The library imports a country's module lazily, with
+    importlib, which bypasses the sandbox's pass-through: a first use inside a workflow would
+    import the library a second time, in the sandbox (and fail there, reading the clock). So its
+    module is imported through the sandbox's pass-through first (outside a workflow: an
+    ordinary import); the library's loader, shared, keeps the class from then on."""
+    loader = getattr(holidays, country)
+    if isinstance(loader, holidays.registry.EntityLoader) and loader.entity is None:
+        with workflow.unsafe.imports_passed_through():
+            __import__(loader.module_name)
+    return loader
 
 
 def _unique_dates(field: str, days: tuple[date, ...]) -> tuple[date, ...]:
@@ -502,3 +535,42 @@ def local_isoformat(calendar: BusinessCalendar, instant: datetime) -> str:
     if instant.tzinfo is None or instant.utcoffset() is None:
         raise CalendarError(f"instant must be timezone-aware, not {instant.isoformat()}")
     return instant.astimezone(calendar.zone).isoformat()
+
+
+# ----------------------------------------------------------------------------- comparing
+# `due_always_exists` allows this many holidays of the library per year: more than any country
+# it knows (Nepal and Azerbaijan have 33 in 0.109), with subdivision and observed days on top
+HOLIDAYS_PER_YEAR_ALLOWED = 60
+
+
+def day_minutes(calendar: BusinessCalendar) -> int:
+    """The working minutes of one working day (its hours; the same every working day)."""
+    day = date(2000, 1, 3)
+    length = datetime.combine(day, calendar.hours.end) - datetime.combine(day, calendar.hours.start)
+    return int(length.total_seconds() // 60)
+
+
+def business_minutes(calendar: BusinessCalendar, duration: BusinessDuration) -> int:
+    """`duration` as working minutes of `calendar`: a business day is one working day's hours.
+
+    This is how the durations of one timer set compare in business terms: from any start,
+    `due` of the larger never lands before `due` of the smaller (a business day from a start in
+    working time is the same wall-clock time a working day later, one working day's minutes;
+    from outside working time it is the closing of the day that opens next, the same)."""
+    return duration.days * day_minutes(calendar) + duration.minutes
+
+
+def due_always_exists(calendar: BusinessCalendar, duration: BusinessDuration) -> bool:
+    """True when `due(calendar, start, duration)` finds its due from any start, so that it
+    never raises `CalendarError` (checked when a policy is published).
+
+    Conservative: MAX_SPAN_DAYS holds at least `MAX_SPAN_DAYS // 7` of each working weekday;
+    every extra holiday and HOLIDAYS_PER_YEAR_ALLOWED library holidays a year are taken off
+    (extra working days are not counted), and a working day counts an hour less than its hours
+    (a DST change may fall inside them)."""
+    weeks = MAX_SPAN_DAYS // 7
+    library = HOLIDAYS_PER_YEAR_ALLOWED * (MAX_SPAN_DAYS // 365 + 1) if calendar.holidays else 0
+    available = weeks * len(calendar.working_days) - len(calendar.extra_holidays) - library
+    per_day = max(1, day_minutes(calendar) - 60)
+    needed = duration.days + -(-duration.minutes // per_day) + 2  # the start's and the due's
+    return needed <= available

@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from temporalio.exceptions import ApplicationError
+
+from workflows.calendar import BusinessCalendar, BusinessDuration, CalendarError, due
 
 # Error types that validators raise (the API maps them): defined in workflows.errors
 from workflows.errors import CONFLICT as CONFLICT
@@ -56,22 +59,93 @@ class TaskEvent(BaseModel):
     detail: str = ""
 
 
+# A timer's duration: elapsed time, or business time by the instance's calendar. Both are
+# written as ISO 8601 ("P2D"), so a timer set says which it holds (`business_time`) and its
+# strings are read accordingly; the union then tries elapsed time first.
+TimerSpan = Annotated[timedelta | BusinessDuration, Field(union_mode="left_to_right")]
+DURATION_KEYS = ("remind_after", "escalate_after", "deadline")
+
+
+def read_business_durations(data: Any) -> Any:
+    """A timer set's raw data with its duration strings read as business durations, when it
+    says `business_time: true` (for the `before` validators of timer sets); a string that is
+    no business duration is refused at its location."""
+    if not isinstance(data, dict) or data.get("business_time") is not True:
+        return data
+    data = dict(data)
+    errors: list[InitErrorDetails] = []
+
+    def read(value: Any, loc: tuple[str | int, ...]) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return BusinessDuration.parse(value)
+        except ValidationError as err:
+            e = err.errors()[0]
+            kind = PydanticCustomError(e["type"], e["msg"])
+            errors.append(InitErrorDetails(type=kind, loc=loc, input=value))
+            return value
+
+    for key in DURATION_KEYS:
+        if key in data:
+            data[key] = read(data[key], (key,))
+    levels = data.get("escalations")
+    if isinstance(levels, list):
+        data["escalations"] = [
+            {**level, "after": read(level["after"], ("escalations", i, "after"))}
+            if isinstance(level, dict) and "after" in level
+            else level
+            for i, level in enumerate(levels)
+        ]
+    if errors:
+        raise ValidationError.from_exception_data("TaskTimers", errors)
+    return data
+
+
+def timer_kind_errors(
+    business_time: bool, spans: Sequence[tuple[tuple[str | int, ...], object]]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """(loc, message) for each duration of the wrong kind for the timer set's `business_time`."""
+    errors = []
+    for loc, value in spans:
+        if business_time and isinstance(value, timedelta):
+            message = "with business_time, a timer is a business duration such as P2D or PT4H"
+            errors.append((loc, message))
+        elif not business_time and isinstance(value, BusinessDuration):
+            errors.append((loc, "a business duration needs business_time: true"))
+    return errors
+
+
 class Escalation(BaseModel):
     """One level of escalation: `after` the task opened, `to_role` may act too."""
 
-    after: timedelta
+    after: TimerSpan
     to_role: str
 
 
 class TaskTimes(BaseModel):
     """Durations from the task's opening. `escalations`, when given, are every level (stacked,
-    in time order) and replace `escalate_after`/`escalation_role` (one level)."""
+    in time order) and replace `escalate_after`/`escalation_role` (one level). With
+    `business_time` every duration is a `BusinessDuration`, turned into an instant by the
+    instance's business calendar when the task opens."""
 
-    remind_after: timedelta | None = None
-    escalate_after: timedelta | None = None
-    deadline: timedelta | None = None
+    business_time: bool = False
+    remind_after: TimerSpan | None = None
+    escalate_after: TimerSpan | None = None
+    deadline: TimerSpan | None = None
     escalation_role: str | None = None
     escalations: list[Escalation] = Field(default_factory=list)
+
+    _business = model_validator(mode="before")(read_business_durations)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        spans: list[tuple[tuple[str | int, ...], object]]
+        spans = [((key,), getattr(self, key)) for key in DURATION_KEYS]
+        spans += [(("escalations", i, "after"), e.after) for i, e in enumerate(self.escalations)]
+        for loc, message in timer_kind_errors(self.business_time, spans):
+            raise PydanticCustomError("timer_kind", f"{'.'.join(map(str, loc))}: {message}")
+        return self
 
 
 class EscalationLevel(BaseModel):
@@ -183,10 +257,37 @@ class TaskBoard:
         times: TaskTimes,
         required_fields: Mapping[str, Sequence[str]] | None = None,
         four_eyes: bool = True,
+        calendar: BusinessCalendar | None = None,
     ) -> HumanTask:
-        self._seq += 1
+        """Open a task; its timers become instants from `now` (business durations by
+        `calendar`: `CalendarError` when there is none or it finds no due, and then nothing
+        has changed on the board)."""
+
+        def at(span: timedelta | BusinessDuration | None) -> datetime | None:
+            if span is None:
+                return None
+            if isinstance(span, timedelta):  # zero: no timer, as it always was
+                return now + span if span else None
+            if calendar is None:
+                raise CalendarError(
+                    f"the business duration {span} needs a business calendar (the policy's "
+                    "calendar)"
+                )
+            return due(calendar, now, span)
+
         first: Escalation | None = times.escalations[0] if times.escalations else None
         escalate_after = first.after if first else times.escalate_after
+        remind_at, escalate_at, deadline_at = (
+            at(times.remind_after),
+            at(escalate_after),
+            at(times.deadline),
+        )
+        levels = []
+        for e in times.escalations[1:]:
+            level_at = at(e.after)
+            assert level_at is not None
+            levels.append(EscalationLevel(at=level_at, to_role=e.to_role))
+        self._seq += 1
         task = HumanTask(
             task_id=f"{self.key_prefix}.t{self._seq}",
             name=name,
@@ -197,13 +298,11 @@ class TaskBoard:
             requester=self.requester,
             four_eyes=four_eyes,
             created_at=now,
-            remind_at=now + times.remind_after if times.remind_after else None,
-            escalate_at=now + escalate_after if escalate_after else None,
-            deadline_at=now + times.deadline if times.deadline else None,
+            remind_at=remind_at,
+            escalate_at=escalate_at,
+            deadline_at=deadline_at,
             escalation_role=first.to_role if first else times.escalation_role,
-            escalations=[
-                EscalationLevel(at=now + e.after, to_role=e.to_role) for e in times.escalations[1:]
-            ],
+            escalations=levels,
             history=[TaskEvent(at=now, actor=SYSTEM_ACTOR, action="opened")],
         )
         self.tasks[task.task_id] = task

@@ -11,6 +11,32 @@ events (`SlaEventRecord`) for reminders, escalations and breaches; the mail help
 continue-as-new with everything an instance carries; and the patch branches older histories
 need (`local-projection-outbox` in the runtime, `hardening-2026-12`, `task-action-settles`).
 
+**Business time.** A process's policy (`ProcessPolicy`) may carry a business `calendar`;
+`load_policy` keeps it for the instance's life (and carries it across continue-as-new). A task
+whose timers say `business_time`, and an SLA started with a `BusinessDuration`, get their due
+instants from `due(calendar, opened_at, duration)` when they open; the instants live in the
+task (`remind_at`, `escalate_at`, `deadline_at`, its levels) or the due time, so every later
+wait, status and projection reads the instant, never the duration, and a run continued as new
+carries instants, not durations. Timers still fire on Temporal's clock. Without a calendar
+nothing changes: elapsed durations, the same instants and commands as before (no patch: only a
+policy document published with the new keys reaches the new code). The status shows each
+task's due and deadline in the calendar's zone too (`due_local`, `deadline_local`). A
+`CalendarError` (a business duration without a calendar, or none of its dues within reach,
+which publishing refuses) fails the workflow with a non-retryable `ApplicationError` of type
+`CALENDAR_ERROR`, never a workflow task.
+
+*If tzdata or holidays change between a run and its replay* (a worker upgraded while
+instances wait): replay computes each due again with the new data, and the instant kept in the
+task is the recomputed one. Temporal's timers are in the history: a timer that fired fires
+again at the same point of the replay whatever instant is computed now (a timer's duration is
+not compared on replay, only whether a timer starts). So if only instants move, the replay
+sends the same commands and the instance goes on with the new instants (a due moved by a new
+holiday applies from its next wait). If a moved instant changes which due comes first, or falls
+before an event the run saw while still waiting for it (no timer starts then), the replay takes
+another branch and fails as non-deterministic: the workflow task retries until a worker with
+the old data takes it. Hence: pin `tzdata` and `holidays` with the worker, and upgrade them like
+workflow code, once the instances that started on the old data have ended or moved on.
+
 A process subclasses it, declares `PROCESS_TYPE`, `TASK_KINDS` and `END_STATUS` (its end stages
 and the instance status each means), puts `@workflow.init` on its `__init__` (calling
 `super().__init__`) and `@workflow.run` on its run method; it re-declares `status` and `settle`
@@ -53,6 +79,13 @@ from workflows.approval import (
     ApprovalLevel,
     level_outcome,
 )
+from workflows.calendar import (
+    BusinessCalendar,
+    BusinessDuration,
+    CalendarError,
+    due,
+    local_isoformat,
+)
 from workflows.errors import CONFLICT
 from workflows.errors import refuse as _refuse
 from workflows.human_task import (
@@ -66,7 +99,7 @@ from workflows.human_task import (
     TaskEvent,
     TaskTimes,
 )
-from workflows.policy import PolicyModel
+from workflows.policy import PolicyModel, ProcessPolicy
 from workflows.runtime import DueTime, ProcessRuntime, RuntimeCarry
 from workflows.runtime import Stop as Stop
 
@@ -77,6 +110,8 @@ HARDENING = "hardening-2026-12"
 # Since 2026-11: a claim or delegation answers once the instance is waiting again.
 TASK_ACTION_SETTLES = "task-action-settles"
 VIEW_HISTORY = 10
+# a business due that cannot be computed: the workflow fails (non-retryable), see the docstring
+CALENDAR_ERROR = "CalendarError"
 
 P = TypeVar("P", bound=PolicyModel)
 A = TypeVar("A")
@@ -106,6 +141,12 @@ def cause_of(err: ActivityError) -> str:
     return str(cause.message if isinstance(cause, ApplicationError) else cause or err)
 
 
+def _calendar_failure(what: str, err: CalendarError) -> ApplicationError:
+    """A due that business time cannot give: the workflow fails, never its task (it would be
+    retried forever, computing the same error)."""
+    return ApplicationError(f"{what}: {err}", type=CALENDAR_ERROR, non_retryable=True)
+
+
 # ----------------------------------------------------------------------------- models
 class TaskView(BaseModel):
     task_id: str
@@ -122,12 +163,23 @@ class TaskView(BaseModel):
     created_at: datetime
     due_at: datetime | None
     deadline_at: datetime | None
+    due_local: str | None = Field(
+        None, description="due_at in the business calendar's zone, ISO 8601 with its offset"
+    )
+    deadline_local: str | None = Field(
+        None, description="deadline_at in the business calendar's zone"
+    )
     escalated: bool
     history: list[TaskEvent] = Field(description=f"the newest {VIEW_HISTORY} events")
     history_total: int = Field(0, description="events in the task's whole life")
 
 
-def task_view(t: HumanTask) -> TaskView:
+def task_view(t: HumanTask, calendar: BusinessCalendar | None = None) -> TaskView:
+    """What the status shows of a task; with a business calendar its dues also in local time."""
+
+    def local(at: datetime | None) -> str | None:
+        return local_isoformat(calendar, at) if calendar is not None and at else None
+
     return TaskView(
         task_id=t.task_id,
         name=t.name,
@@ -143,6 +195,8 @@ def task_view(t: HumanTask) -> TaskView:
         created_at=t.created_at,
         due_at=t.escalate_at,
         deadline_at=t.deadline_at,
+        due_local=local(t.escalate_at),
+        deadline_local=local(t.deadline_at),
         escalated=t.escalated,
         history=t.history[-VIEW_HISTORY:],
         history_total=len(t.history) + t.events_dropped,
@@ -199,6 +253,7 @@ class ProcessCarry(BaseModel):
     finishing: tuple[str, str] | None = None
     outcome_reason: str = ""
     runs: int = Field(1, description="runs of this instance so far")
+    calendar: BusinessCalendar | None = Field(None, description="the policy's business calendar")
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -236,6 +291,8 @@ class HumanProcess:
         self.finishing: tuple[str, str] | None = None
         self.outcome_reason = ""
         self.runs = 1
+        # the pinned policy's business calendar (`load_policy`): business durations use it
+        self.calendar: BusinessCalendar | None = None
         self._last_decision: tuple[str, str] | None = None  # (outcome, by) in this visit
         self.hardened = workflow.patched(HARDENING)
         self.rt.board.strict = self.hardened
@@ -291,6 +348,7 @@ class HumanProcess:
         self.finishing = c.finishing
         self.outcome_reason = c.outcome_reason
         self.runs = c.runs + 1
+        self.calendar = c.calendar
 
     async def _continue_as_new(self) -> None:
         """Continue in a new run with everything the instance carries (history stays bounded)."""
@@ -304,6 +362,7 @@ class HumanProcess:
             "finishing": self.finishing,
             "outcome_reason": self.outcome_reason,
             "runs": self.runs,
+            "calendar": self.calendar,
         }
         next_input = self.next_run_input(carry)
         workflow.logger.info("continuing as new (run %s)", self.runs + 1)
@@ -344,6 +403,8 @@ class HumanProcess:
                 )
                 doc = doc.model_copy(update={"version": 0})
         self.policy_version = doc.version
+        if isinstance(policy, ProcessPolicy):
+            self.calendar = policy.calendar
         self.project_instance()
         return policy
 
@@ -476,16 +537,20 @@ class HumanProcess:
         """Open a task on the board and put it into the inbox (with the next projection)."""
         if kind not in self.TASK_KINDS:
             raise ValueError(f"task kind {kind!r} is not one of {sorted(self.TASK_KINDS)}")
-        task = self.rt.board.open(
-            name=name,
-            kind=kind,
-            candidate_roles=roles,
-            outcomes=outcomes,
-            now=workflow.now(),
-            times=times,
-            required_fields=required_fields,
-            four_eyes=four_eyes,
-        )
+        try:
+            task = self.rt.board.open(
+                name=name,
+                kind=kind,
+                candidate_roles=roles,
+                outcomes=outcomes,
+                now=workflow.now(),
+                times=times,
+                required_fields=required_fields,
+                four_eyes=four_eyes,
+                calendar=self.calendar,
+            )
+        except CalendarError as err:
+            raise _calendar_failure(f"task {name!r}", err) from None
         self.rt.task_changed(task)
         self.rt.audit(SYSTEM_ACTOR, "task_opened", name, task_id=task.task_id)
         return task
@@ -554,9 +619,22 @@ class HumanProcess:
         if interruptible:
             self.checkpoint()
 
-    def start_sla(self, name: str, within: timedelta) -> DueTime:
-        """An SLA from now: breached (an `SlaEventRecord`, `on_sla_breach`) unless stopped."""
-        return self.rt.deadlines.start(name, "sla", workflow.now() + within)
+    def start_sla(self, name: str, within: timedelta | BusinessDuration) -> DueTime:
+        """An SLA from now: breached (an `SlaEventRecord`, `on_sla_breach`) unless stopped.
+        A `BusinessDuration` counts business time by the policy's calendar."""
+        now = workflow.now()
+        if isinstance(within, timedelta):
+            return self.rt.deadlines.start(name, "sla", now + within)
+        try:
+            if self.calendar is None:
+                raise CalendarError(
+                    f"the business duration {within} needs a business calendar (the policy's "
+                    "calendar)"
+                )
+            at = due(self.calendar, now, within)
+        except CalendarError as err:
+            raise _calendar_failure(f"SLA {name!r}", err) from None
+        return self.rt.deadlines.start(name, "sla", at)
 
     def stop_sla(self, name: str) -> None:
         self.rt.deadlines.stop(name)
@@ -653,7 +731,7 @@ class HumanProcess:
             "requester": self.requester,
             "policy_version": self.policy_version,
             "waiting_for": "" if self.rt.done else self.rt.waiting_for,
-            "pending_tasks": [task_view(t) for t in board.open_tasks()],
+            "pending_tasks": [task_view(t, self.calendar) for t in board.open_tasks()],
             "decisions": [
                 DecisionRecord(
                     task_id=t.task_id,
@@ -707,7 +785,7 @@ class HumanProcess:
         ticket = self.rt.changed()
         await self.rt.handler_flush()
         await self.rt.settled(ticket)
-        return DecideResult(task=task_view(task), stage=self.stage)
+        return DecideResult(task=task_view(task, self.calendar), stage=self.stage)
 
     @decide.validator
     def _validate_decide(self, inp: DecideInput) -> None:
@@ -731,7 +809,7 @@ class HumanProcess:
         # instances started before the change keep answering at once
         if workflow.patched(TASK_ACTION_SETTLES):
             await self.rt.settled(ticket)
-        return task_view(task)
+        return task_view(task, self.calendar)
 
     @workflow.update
     async def claim(self, inp: TaskActionInput) -> TaskView:

@@ -10,11 +10,21 @@ functions the workflow calls (`TaskTimers.task_times`, `SalesOrderPolicy.payment
 that `now + duration` cannot overflow and no list grows without limit. Publishing
 (`validate_policy(..., strict=True)`) also requires every key: no built-in default silently
 fills a gap in a published document.
+
+**Business time.** A process policy (`ProcessPolicy`) may carry a business `calendar`; a timer
+set (`TaskTimers`) with `business_time: true` reads its durations as business durations of that
+calendar (`P2D` is two business days, not 48 hours), and a policy field typed
+`BusinessDuration` (an SLA) is business time too. Without either key a document means what it
+always meant: both keys are optional even when publishing, and a dump leaves them out while they
+hold their defaults (today's documents, their dumps and the seeded default stay as they were).
+The policy checks business timers with its calendar: in order in business terms, and short
+enough that `due` finds their due from any start (`due_always_exists`), so that no loaded
+policy makes a task raise `CalendarError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from decimal import Decimal
 from types import MappingProxyType
@@ -26,9 +36,15 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
+    PlainSerializer,
+    PlainValidator,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
@@ -37,7 +53,20 @@ from temporalio import workflow
 
 from core.roles import KNOWN_ROLES
 from workflows.approval import approval_chain
-from workflows.human_task import Escalation, TaskTimes
+from workflows.calendar import (
+    BusinessCalendar,
+    BusinessDuration,
+    business_minutes,
+    day_minutes,
+    due_always_exists,
+)
+from workflows.human_task import (
+    DURATION_KEYS,
+    Escalation,
+    TaskTimes,
+    read_business_durations,
+    timer_kind_errors,
+)
 
 with workflow.unsafe.imports_passed_through():
     # its database is read from files, which the sandbox forbids: read it once, outside
@@ -140,6 +169,46 @@ def _printable(name: str) -> str:
 
 
 Duration = Annotated[timedelta, AfterValidator(_duration)]
+
+
+class _Elapsed(BaseModel):
+    span: Duration
+
+
+def _timer_duration(value: Any) -> timedelta | BusinessDuration:
+    """A business duration (read as one by its timer set) as it is; anything else is elapsed
+    time, refused as a `Duration` is (the same errors, at the same place)."""
+    if isinstance(value, BusinessDuration):
+        return value
+    try:
+        return _Elapsed(span=value).span
+    except ValidationError as err:
+        errors = [_again({**e, "loc": e["loc"][1:]}) for e in err.errors()]
+        raise _refuse("Duration", errors) from None
+
+
+def _timer_iso(value: timedelta | BusinessDuration) -> str:
+    if isinstance(value, BusinessDuration):
+        return value.isoformat()
+    return _Elapsed.model_construct(span=value).model_dump(mode="json")["span"]
+
+
+# a timer of a `TaskTimers`: elapsed time, or business time when the set says `business_time`
+# (validated as one or the other, never tried as both: a bad elapsed duration is refused as it
+# always was; shown in JSON as ISO 8601 either way)
+TimerDuration = Annotated[
+    timedelta | BusinessDuration,
+    PlainValidator(_timer_duration),
+    PlainSerializer(_timer_iso, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "duration",
+            "description": "ISO 8601; business time (days, hours, minutes) when the timers say "
+            "business_time",
+        }
+    ),
+]
 RoleName = Annotated[str, AfterValidator(_known_role)]
 RoleList = Annotated[
     list[RoleName], Field(min_length=1, max_length=MAX_ROLES), AfterValidator(_unique)
@@ -154,11 +223,26 @@ TierName = Annotated[
 class PolicyModel(BaseModel):
     """Base of policy documents and their parts: unknown keys refused; in strict mode (the
     validation context of `validate_policy(..., strict=True)`) every key must be given, but
-    those whose default is None (nothing to fill) and those `REPLACED_BY` a key that is given."""
+    those whose default is None (nothing to fill), those `REPLACED_BY` a key that is given and
+    the `OPTIONAL` ones (added later; a dump leaves them out while they hold their default)."""
 
     model_config = ConfigDict(extra="forbid")
     # key -> the key that, when given, stands for it (strict mode does not require it then)
     REPLACED_BY: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    # keys added after documents were published: never required, not dumped at their default
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _without_unused_options(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.OPTIONAL:
+                field = type(self).model_fields.get(name)
+                if field is not None and name in data and getattr(self, name) == field.default:
+                    del data[name]
+        return data
 
     @model_validator(mode="wrap")
     @classmethod
@@ -174,6 +258,7 @@ class PolicyModel(BaseModel):
             and not f.is_required()
             and f.default is not None
             and cls.REPLACED_BY.get(name) not in data
+            and name not in cls.OPTIONAL
         ]
         if not errors:
             return handler(data)
@@ -214,7 +299,7 @@ class ApprovalTier(PolicyModel):
 class EscalationStep(PolicyModel):
     """One level of a task's escalation: `after` the task opened, `to_role` may act too."""
 
-    after: Duration
+    after: TimerDuration
     to_role: RoleName
 
 
@@ -223,72 +308,130 @@ class TaskTimers(PolicyModel):
 
     Escalation is `escalate_after` + `escalation_role` (one level), or `escalations`: levels
     stacked in time order, each firing at its own time and widening the candidate roles to
-    its role (`escalate_after`/`escalation_role` then follow its first level)."""
+    its role (`escalate_after`/`escalation_role` then follow its first level).
+
+    `business_time: true` reads every duration of the set as business time by the policy's
+    calendar (`P2D` two business days, `PT4H` four business hours; ISO 8601 days, hours and
+    minutes only); the built-in defaults then count business days. Their order is checked by
+    the policy that holds the set, in business terms of its calendar (`ProcessPolicy`)."""
 
     REPLACED_BY: ClassVar[Mapping[str, str]] = MappingProxyType(
         {"escalate_after": "escalations", "escalation_role": "escalations"}
     )
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"business_time"})
 
-    remind_after: Duration = timedelta(days=1)
-    escalate_after: Duration = timedelta(days=2)
-    deadline: Duration = timedelta(days=7)
+    business_time: bool = Field(
+        False,
+        description="durations are business time by the policy's calendar (P2D: two business "
+        "days, not 48 hours); default: elapsed time",
+    )
+    remind_after: TimerDuration = timedelta(days=1)
+    escalate_after: TimerDuration = timedelta(days=2)
+    deadline: TimerDuration = timedelta(days=7)
     escalation_role: RoleName = "manager"
     escalations: list[EscalationStep] | None = Field(
         None, min_length=1, max_length=MAX_ROLES, description="levels, earliest first"
     )
 
+    _business = model_validator(mode="before")(read_business_durations)
+
     @model_validator(mode="after")
     def _ordered(self) -> Self:
-        errors = []
+        given = set(self.model_fields_set)  # before the defaults below are converted
+        errors = [
+            _error(loc, "timer_kind", message, getattr(self, str(loc[0]), None))
+            for loc, message in timer_kind_errors(self.business_time, self._given_spans())
+        ]
+        if errors:
+            raise _refuse("TaskTimers", errors)
+        if self.business_time:
+            for key in DURATION_KEYS:  # the built-in defaults, in business days
+                value = getattr(self, key)
+                if isinstance(value, timedelta):
+                    setattr(self, key, BusinessDuration(days=value.days))
         if self.escalations:
             first = self.escalations[0]
             for key, value in (("escalate_after", first.after), ("escalation_role", first.to_role)):
-                if key in self.model_fields_set and getattr(self, key) != value:
+                if key in given and getattr(self, key) != value:
                     message = f"{key} ({getattr(self, key)}) differs from the first level of "
                     message += f"escalations ({value}): give one of them"
                     errors.append(_error((key,), "escalation_conflict", message, value))
             self.escalate_after, self.escalation_role = first.after, first.to_role
-            for i in range(1, len(self.escalations)):
-                before, level = self.escalations[i - 1], self.escalations[i]
-                if level.after <= before.after:
-                    message = f"after ({level.after}) must be longer than the previous level's "
-                    message += f"({before.after}): levels go earliest first"
-                    errors.append(_error(("escalations", i, "after"), "timer_order", message, 0))
-            last = self.escalations[-1].after
-            if last > self.deadline:
-                message = f"the last level ({last}) must not be later than deadline "
-                message += f"({self.deadline})"
-                loc = ("escalations", len(self.escalations) - 1, "after")
-                errors.append(_error(loc, "timer_order", message, last))
-        if self.remind_after >= self.escalate_after:
-            errors.append(
-                _error(
-                    ("remind_after",),
-                    "timer_order",
-                    f"remind_after ({self.remind_after}) must be shorter than escalate_after "
-                    f"({self.escalate_after})",
-                    self.remind_after,
-                )
-            )
-        if not self.escalations and self.escalate_after > self.deadline:
-            errors.append(
-                _error(
-                    ("escalate_after",),
-                    "timer_order",
-                    f"escalate_after ({self.escalate_after}) must not be longer than deadline "
-                    f"({self.deadline})",
-                    self.escalate_after,
-                )
-            )
+        if not self.business_time:
+            errors += self.order_errors(lambda d: d)
         if errors:
             raise _refuse("TaskTimers", errors)
         self.task_times()
         return self
 
+    def _given_spans(self) -> list[tuple[Loc, object]]:
+        spans: list[tuple[Loc, object]] = [
+            ((key,), getattr(self, key)) for key in DURATION_KEYS if key in self.model_fields_set
+        ]
+        spans += [
+            (("escalations", i, "after"), e.after) for i, e in enumerate(self.escalations or [])
+        ]
+        return spans
+
+    def spans(self) -> list[tuple[Loc, timedelta | BusinessDuration]]:
+        """Every duration of the set that makes a timer, with its location."""
+        spans: list[tuple[Loc, timedelta | BusinessDuration]] = [
+            (("remind_after",), self.remind_after),
+            (("deadline",), self.deadline),
+        ]
+        if self.escalations:
+            spans += [
+                (("escalations", i, "after"), e.after) for i, e in enumerate(self.escalations)
+            ]
+        else:
+            spans.append((("escalate_after",), self.escalate_after))
+        return spans
+
+    def order_errors(self, key: Callable[[Any], Any], terms: str = "") -> list[InitErrorDetails]:
+        """The set's timers out of order, compared by `key` (a duration's length): a reminder
+        before the first escalation, levels increasing, none after the deadline. `terms` ends
+        each message (how they compare)."""
+        errors = []
+        if self.escalations:
+            for i in range(1, len(self.escalations)):
+                before, level = self.escalations[i - 1], self.escalations[i]
+                if key(level.after) <= key(before.after):
+                    message = f"after ({level.after}) must be longer than the previous level's "
+                    message += f"({before.after}): levels go earliest first{terms}"
+                    errors.append(_error(("escalations", i, "after"), "timer_order", message, 0))
+            last = self.escalations[-1].after
+            if key(last) > key(self.deadline):
+                message = f"the last level ({last}) must not be later than deadline "
+                message += f"({self.deadline}){terms}"
+                loc = ("escalations", len(self.escalations) - 1, "after")
+                errors.append(_error(loc, "timer_order", message, str(last)))
+        if key(self.remind_after) >= key(self.escalate_after):
+            errors.append(
+                _error(
+                    ("remind_after",),
+                    "timer_order",
+                    f"remind_after ({self.remind_after}) must be shorter than escalate_after "
+                    f"({self.escalate_after}){terms}",
+                    str(self.remind_after),
+                )
+            )
+        if not self.escalations and key(self.escalate_after) > key(self.deadline):
+            errors.append(
+                _error(
+                    ("escalate_after",),
+                    "timer_order",
+                    f"escalate_after ({self.escalate_after}) must not be longer than deadline "
+                    f"({self.deadline}){terms}",
+                    str(self.escalate_after),
+                )
+            )
+        return errors
+
     def task_times(self) -> TaskTimes:
         """What `TaskBoard.open` takes: the same durations and escalation role."""
         levels = self.escalations or []
         return TaskTimes(
+            business_time=self.business_time,
             remind_after=self.remind_after,
             escalate_after=self.escalate_after,
             deadline=self.deadline,
@@ -300,7 +443,71 @@ class TaskTimers(PolicyModel):
         )
 
 
-class SalesOrderPolicy(PolicyModel):
+class ProcessPolicy(PolicyModel):
+    """Base of a process's policy document: what every process's policy may carry.
+
+    `calendar`: the business calendar of the process's business time (absent: every timer is
+    elapsed time, as before). A timer set with `business_time` and a `BusinessDuration` field
+    (an SLA) need it; their timers are checked in business terms of it."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"calendar"})
+
+    calendar: BusinessCalendar | None = Field(
+        None,
+        description="working days and hours, holidays and time zone of business time; "
+        "absent: timers count elapsed time",
+    )
+
+    @model_validator(mode="after")
+    def _business_time(self) -> Self:
+        errors: list[InitErrorDetails] = []
+        calendar = self.calendar
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, TaskTimers) and value.business_time:
+                if calendar is None:
+                    message = "business_time needs the policy's calendar"
+                    errors.append(_error((name, "business_time"), "no_calendar", message, True))
+                    continue
+                errors += [_under(name, e) for e in _business_timer_errors(value, calendar)]
+            elif isinstance(value, BusinessDuration):
+                if calendar is None:
+                    message = "a business duration needs the policy's calendar"
+                    errors.append(_error((name,), "no_calendar", message, str(value)))
+                elif not due_always_exists(calendar, value):
+                    errors.append(_too_long((name,), value))
+        if errors:
+            raise _refuse(type(self).__name__, errors)
+        return self
+
+
+def _business_timer_errors(
+    timers: TaskTimers, calendar: BusinessCalendar
+) -> list[InitErrorDetails]:
+    """A business timer set's timers out of order in business terms of `calendar`, or too
+    long for it."""
+    hours = day_minutes(calendar) / 60
+    terms = f", in business time (a business day is {hours:g} working hours of the calendar)"
+    errors = timers.order_errors(lambda span: business_minutes(calendar, span), terms)
+    errors += [
+        _too_long(loc, span)
+        for loc, span in timers.spans()
+        if isinstance(span, BusinessDuration) and not due_always_exists(calendar, span)
+    ]
+    return errors
+
+
+def _under(name: str, error: InitErrorDetails) -> InitErrorDetails:
+    return {**error, "loc": (name, *error.get("loc", ()))}
+
+
+def _too_long(loc: Loc, span: BusinessDuration) -> InitErrorDetails:
+    message = f"{span} is too long for the calendar: it has too little working time to be sure "
+    message += "of a due within 20 years"
+    return _error(loc, "business_duration_too_long", message, str(span))
+
+
+class SalesOrderPolicy(ProcessPolicy):
     approval_tiers: list[ApprovalTier] = Field(
         default_factory=lambda: [
             ApprovalTier(
