@@ -513,7 +513,9 @@ async def cancel(
             allowed = role_list(ptype, ptype.cancel_roles)
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
-                f"only the requester or one of the roles {allowed} may cancel it",
+                f"only the requester or one of the roles {allowed} may cancel it"
+                if allowed
+                else "only the requester may cancel it",
             )
     elif user.requester_only:
         await status_of(ptype, client, wid, key, user, settings)

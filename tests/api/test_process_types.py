@@ -1,9 +1,12 @@
 """The registry drives the gateway: GET /process-types describes every registered type, and a
-type registered here (a tiny review process defined in this module) is listed, run by the
-worker and has its tasks dispatched to its own workflow, without touching any other file."""
+type registered at run time (the document review of tests/processes/review.py) is listed, run by
+the worker and has its tasks dispatched to its own workflow, without touching any other file. A
+tiny workflow defined here, with no kernel under it, shows what a type lacking a task action
+gets."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
@@ -22,11 +25,19 @@ with workflow.unsafe.imports_passed_through():
     from core.db import TaskCandidate, TaskRow
     from scripts.mailsink import MailSink
     from tests.api.conftest import Api
+    from tests.processes.review import (
+        REVIEW,
+        STAGES,
+        CommentAdded,
+        ReviewInput,
+        ReviewStart,
+        ReviewWorkflow,
+        review_workflow_id,
+    )
     from workflows import registry
-    from workflows.human_task import DecideInput
+    from workflows.human_task import Actor, DecideInput
     from workflows.kernel import DecideResult, TaskView
-    from workflows.policy import PolicyModel
-    from workflows.registry import ProcessEvent, ProcessType
+    from workflows.registry import ProcessType
     from workflows.sales_order import TERMINAL_STAGES, OrderDetails, PaymentEvent
 
 TINY = "tiny_review"
@@ -47,17 +58,9 @@ class TinyStatus(BaseModel):
     stage: str
 
 
-class TinyPolicy(PolicyModel):
-    review_days: int = 3
-
-
-class TinyComment(BaseModel):
-    text: str
-
-
 @workflow.defn(name=TINY)
 class TinyReviewWorkflow:
-    """One review task; the process ends with the reviewer's outcome."""
+    """One review task and only `decide` (no kernel): the process ends with its outcome."""
 
     @workflow.init
     def __init__(self, inp: TinyInput) -> None:
@@ -96,7 +99,7 @@ class TinyReviewWorkflow:
 TINY_TYPE = ProcessType(
     name=TINY,
     title="Tiny review",
-    description="A single review task, registered by a test.",
+    description="A single review task without the kernel, registered by a test.",
     workflow=TinyReviewWorkflow,
     input_model=TinyInput,
     start_model=TinyStart,
@@ -107,23 +110,19 @@ TINY_TYPE = ProcessType(
     stages=("review", REVIEWED),
     terminal_stages=frozenset({REVIEWED}),
     roles=("requester", "vice-president"),
-    policy_model=TinyPolicy,
-    events={
-        "comment": ProcessEvent(
-            name="comment", model=TinyComment, update="comment", description="a remark"
-        )
-    },
 )
 
 
 @pytest.fixture
-def tiny() -> Iterator[ProcessType]:
-    """The tiny review process, registered for the test only."""
+def registered() -> Iterator[None]:
+    """The review and the tiny process, registered for the test only."""
+    registry.register(REVIEW)
     registry.register(TINY_TYPE)
     try:
-        yield TINY_TYPE
+        yield
     finally:
         registry.unregister(TINY)
+        registry.unregister(REVIEW.name)
 
 
 def _by_name(body: list[dict]) -> dict[str, dict]:
@@ -189,39 +188,42 @@ async def test_openapi_documents_the_process_types_responses(api: Api):
 
 
 async def test_a_type_registered_at_run_time_is_listed_and_gone_once_unregistered(api: Api):
-    assert TINY not in _by_name((await api.get("/process-types", "alice")).json())
+    names = _by_name((await api.get("/process-types", "alice")).json())
+    assert REVIEW.name not in names and TINY not in names
+    registry.register(REVIEW)
     registry.register(TINY_TYPE)
     try:
         listed = _by_name((await api.get("/process-types", "alice")).json())
-        one = (await api.get(f"/process-types/{TINY}", "alice")).json()
+        one = (await api.get(f"/process-types/{REVIEW.name}", "alice")).json()
     finally:
         registry.unregister(TINY)
-    assert listed[TINY] == one
-    assert one["title"] == "Tiny review"
-    assert one["stages"] == ["review", REVIEWED] and one["terminal_stages"] == [REVIEWED]
-    assert one["start_schema"] == TinyStart.model_json_schema()
-    assert one["events"] == [
-        {
-            "name": "comment",
-            "description": "a remark",
-            "roles": [],
-            "body_schema": TinyComment.model_json_schema(),
-        }
-    ]
-    assert one["cancellable"] is False and one["cancel_roles"] == []
+        registry.unregister(REVIEW.name)
+    assert list(listed)[-2:] == [REVIEW.name, TINY]  # in the order of registration
+    assert listed[REVIEW.name] == one
+    assert one["title"] == "Document review"
+    assert one["stages"] == list(STAGES)
+    assert one["terminal_stages"] == ["approved", "rejected", "cancelled"]
+    assert one["start_schema"] == ReviewStart.model_json_schema()
+    assert [(e["name"], e["roles"]) for e in one["events"]] == [("comment_added", [])]
+    assert one["events"][0]["body_schema"] == CommentAdded.model_json_schema()
+    assert one["cancellable"] is True and one["cancel_roles"] == []
     assert one["has_policy"] is True and one["policy_version"] == 0  # nothing published yet
-    assert (await api.get(f"/process-types/{TINY}", "alice")).status_code == 404
+    tiny = listed[TINY]
+    assert (tiny["events"], tiny["cancellable"], tiny["cancel_roles"]) == ([], False, [])
+    assert (tiny["has_policy"], tiny["policy_version"]) == (False, None)
+    for name in (REVIEW.name, TINY):
+        assert (await api.get(f"/process-types/{name}", "alice")).status_code == 404
 
 
 @pytest_asyncio.fixture
-async def tiny_worker(
-    tiny: ProcessType,
+async def types_worker(
+    registered: None,
     client: Client,
     task_queue: str,
     sessions: async_sessionmaker,
     mail_sink: MailSink,
 ) -> AsyncIterator[object]:
-    """The real worker, built after the tiny type was registered."""
+    """The real worker, built after the review and the tiny type were registered."""
     from worker import build_worker
 
     w = build_worker(
@@ -236,21 +238,27 @@ async def tiny_worker(
 
 
 async def test_the_worker_runs_and_reconciles_every_registered_type(
-    tiny_worker, client: Client, task_queue: str
+    types_worker, client: Client, task_queue: str
 ):
-    assert {TINY, "sales_order"} <= set(tiny_worker.reconciler.process_types)
-    assert REVIEWED in tiny_worker.reconciler.final_stages
+    assert {REVIEW.name, TINY, "sales_order"} <= set(types_worker.reconciler.process_types)
+    assert {"approved", "cancelled", REVIEWED} <= types_worker.reconciler.final_stages
+    doc_no = f"W-{uuid.uuid4().hex[:10].upper()}"
     handle = await client.start_workflow(
-        TinyReviewWorkflow.run,
-        TinyInput(key="w1", requester="alice"),
-        id=f"{TINY}-w1-{task_queue}",
+        ReviewWorkflow.run,
+        ReviewInput(doc_no=doc_no, title="Handbook", requester="alice"),
+        id=review_workflow_id(doc_no),
         task_queue=task_queue,
     )
+    [task] = (await handle.execute_update(ReviewWorkflow.settle)).pending_tasks
     decided = await handle.execute_update(
-        TinyReviewWorkflow.decide,
-        DecideInput(task_id="t1", outcome="approved", actor={"username": "victor"}),
+        ReviewWorkflow.decide,
+        DecideInput(
+            task_id=task.task_id,
+            outcome="approved",
+            actor=Actor(username="mike", roles=["manager"]),
+        ),
     )
-    assert decided.stage == REVIEWED
+    assert decided.stage == "approved"
     assert await handle.result() == "approved"
 
 
@@ -286,7 +294,7 @@ async def _tiny_task(
 
 
 @pytest_asyncio.fixture
-async def tiny_api(tiny_worker, app) -> AsyncIterator[Api]:
+async def types_api(types_worker, app) -> AsyncIterator[Api]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
@@ -294,23 +302,33 @@ async def tiny_api(tiny_worker, app) -> AsyncIterator[Api]:
 
 
 async def test_a_task_of_another_process_type_is_decided_by_that_types_workflow(
-    tiny_api: Api, client: Client, task_queue: str, sessions: async_sessionmaker
+    types_api: Api, client: Client, task_queue: str
 ):
-    wid, task_id = await _tiny_task(client, task_queue, sessions, "d1")
-    inbox = (await tiny_api.get("/tasks", "victor")).json()
-    assert task_id in [t["task_id"] for t in inbox["items"]]
-    r = await tiny_api.post(f"/tasks/{task_id}/decision", "victor", json={"outcome": "approved"})
+    doc_no = f"D-{uuid.uuid4().hex[:10].upper()}"
+    handle = await client.start_workflow(
+        ReviewWorkflow.run,
+        ReviewInput(doc_no=doc_no, title="Handbook", requester="alice"),
+        id=review_workflow_id(doc_no),
+        task_queue=task_queue,
+    )
+    [task] = (await handle.execute_update(ReviewWorkflow.settle)).pending_tasks
+    inbox = (await types_api.get("/tasks", "mike")).json()  # projected by the kernel
+    [row] = [t for t in inbox["items"] if t["task_id"] == task.task_id]
+    assert (row["process_type"], row["business_key"]) == (REVIEW.name, doc_no)
+    r = await types_api.post(
+        f"/tasks/{task.task_id}/decision", "mike", json={"outcome": "approved"}
+    )
     assert r.status_code == 200, r.text
-    assert r.json()["stage"] == REVIEWED  # not a sales order stage: it decodes all the same
-    assert r.json()["task"]["decided_by"] == "victor"
-    assert await client.get_workflow_handle(wid).result() == "approved"
+    assert r.json()["stage"] == "approved"  # not a sales order stage: it decodes all the same
+    assert r.json()["task"]["decided_by"] == "mike"
+    assert await handle.result() == "approved"
 
 
 async def test_a_task_action_the_types_workflow_lacks_is_409_naming_it(
-    tiny_api: Api, client: Client, task_queue: str, sessions: async_sessionmaker
+    types_api: Api, client: Client, task_queue: str, sessions: async_sessionmaker
 ):
     wid, task_id = await _tiny_task(client, task_queue, sessions, "c1")
-    r = await tiny_api.post(f"/tasks/{task_id}/claim", "victor")
+    r = await types_api.post(f"/tasks/{task_id}/claim", "victor")
     assert r.status_code == 409, r.text
     assert TINY in r.json()["detail"] and "claim" in r.json()["detail"]
     history = await client.get_workflow_handle(wid).fetch_history()

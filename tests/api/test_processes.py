@@ -9,10 +9,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -20,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.routers.orders import ORDER_NO_TAKEN
 from core.db import Order
 from tests.api.conftest import Api, order_body
+from tests.processes.review import REVIEW
 from workflows import registry
 from workflows.sales_order import sales_order_workflow_id
 
@@ -123,7 +124,7 @@ async def test_a_start_needs_a_start_role_and_a_json_object(api: Api):
 
 
 async def test_an_unknown_process_type_is_404_naming_it_on_every_route(api: Api):
-    calls = [
+    calls: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "/processes/nope", {"json": {"anything": 1}}),
         ("GET", "/processes/nope/K1", {}),
         ("POST", "/processes/nope/K1/cancel", {"json": {}}),
@@ -144,11 +145,9 @@ async def test_an_unknown_process_type_is_404_naming_it_on_every_route(api: Api)
 
 @pytest.fixture
 def uncancellable() -> Iterator[str]:
-    """A second registered type: the sales order's workflow without cancellation."""
+    """A second registered type: the document review (tests/processes) without cancellation."""
     name = f"test_type_{uuid.uuid4().hex[:8]}"
-    registry.register(
-        dataclasses.replace(registry.get("sales_order"), name=name, cancel_update=None)
-    )
+    registry.register(dataclasses.replace(REVIEW, name=name, cancel_update=None))
     try:
         yield name
     finally:
@@ -384,43 +383,37 @@ async def test_a_requesters_search_pages_are_full_pages_of_her_own(live_api: Api
 
 
 # ------------------------------------------------------------------------------ OpenAPI
-class _OtherStart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ticket_no: str
-
-
 @pytest.fixture
-def other_type() -> Iterator[str]:
-    name = f"test_type_{uuid.uuid4().hex[:8]}"
-    registry.register(
-        dataclasses.replace(registry.get("sales_order"), name=name, start_model=_OtherStart)
-    )
+def review() -> Iterator[str]:
+    """A second registered type: the document review of tests/processes."""
+    registry.register(REVIEW)
     try:
-        yield name
+        yield REVIEW.name
     finally:
-        registry.unregister(name)
+        registry.unregister(REVIEW.name)
 
 
-def test_the_openapi_documents_the_start_schema_of_every_process_type(
-    app: FastAPI, other_type: str
-):
+def _refs(schema: dict) -> set[str]:
+    return {ref["$ref"].removeprefix("#/components/schemas/") for ref in schema["anyOf"]}
+
+
+def test_the_openapi_documents_the_start_schema_of_every_process_type(app: FastAPI, review: str):
     schema = app.openapi()
     start = schema["paths"]["/processes/{process_type}"]["post"]
     body = start["requestBody"]["content"]["application/json"]["schema"]
-    refs = {ref["$ref"] for ref in body["anyOf"]}
-    assert refs == {
-        "#/components/schemas/process.OrderDetails",
-        "#/components/schemas/process._OtherStart",
-    }
-    assert start["x-process-types"] == {"sales_order": "OrderDetails", other_type: "_OtherStart"}
+    assert _refs(body) == {"process.OrderDetails", "process.ReviewStart"}
+    assert start["x-process-types"] == {"sales_order": "OrderDetails", review: "ReviewStart"}
     components = schema["components"]["schemas"]
     assert "order_no" in components["process.OrderDetails"]["properties"]
-    assert components["process._OtherStart"]["required"] == ["ticket_no"]
+    assert components["process.ReviewStart"]["required"] == ["doc_no", "title"]
     status = start["responses"]["201"]["content"]["application/json"]["schema"]
-    assert status == {"$ref": "#/components/schemas/process.SalesOrderStatus"}
+    assert _refs(status) == {"process.SalesOrderStatus", "process.ReviewStatus"}
     event = schema["paths"]["/processes/{process_type}/{business_key}/events/{event}"]["post"]
-    assert event["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/process.PaymentEvent"
+    event_body = event["requestBody"]["content"]["application/json"]["schema"]
+    assert _refs(event_body) == {"process.PaymentEvent", "process.CommentAdded"}
+    assert event["x-process-events"] == {
+        "sales_order": {"payment": "PaymentEvent"},
+        review: {"comment_added": "CommentAdded"},
     }
     for path in (
         "/processes",
