@@ -9,7 +9,23 @@ change and its inbox snapshot in one call); `wait` on every kind of due time; `s
 also projects the instance (`InstanceRecord`) and its stage visits (`StageVisitRecord`); SLA
 events (`SlaEventRecord`) for reminders, escalations and breaches; the mail helpers; `finish`;
 continue-as-new with everything an instance carries; and the patch branches older histories
-need (`local-projection-outbox` in the runtime, `hardening-2026-12`, `task-action-settles`).
+need (`local-projection-outbox` and `projection-per-wait` in the runtime, `hardening-2026-12`,
+`task-action-settles`).
+
+**One projection per wait** (`projection-per-wait`). A step records its writes (`set_stage`,
+`open_task`, `close_task`, audit, mails, timers fired) in the runtime's batch; the batch goes out
+in one `project` local activity, with one search-attribute upsert, when the instance is about to
+wait (`wait`), ends (`finish`) or continues as new, so everything a person could act on (a task,
+its mail) is in the read model before the instance waits for them. An update that waits for the
+step it caused (`decide`) is answered once that step is written: at the next wait, or, when the
+step leads into a business activity, just before it (`business_step` and the money block's
+activities call `rt.before_activity`), so a final approval answers in the stage right after it
+and the automated steps that follow write once, at the end. Other updates (`settle`, `amend`,
+task actions) still answer at the next wait (or the end), as before. A business activity's
+failure loses nothing: the steps before it are still in the batch and go out with the
+compensation path's writes (`Stop` ends the process through `finish`). A step that fails the
+workflow (an `ApplicationError`, e.g. a business calendar that cannot give a due) writes what
+is in the batch first (`step`).
 
 **Business time.** A process's policy (`ProcessPolicy`) may carry a business `calendar`;
 `load_policy` keeps it for the instance's life (and carries it across continue-as-new). A task
@@ -373,7 +389,11 @@ class HumanProcess:
         """Run a step of the map once: a run continued as new skips the steps done before."""
         if name in self.done_steps:
             return
-        await fn(*args)
+        try:
+            await fn(*args)
+        except ApplicationError:
+            await self.rt.written()  # the workflow fails: the steps before it are still written
+            raise
         self.done_steps.append(name)
 
     def slot_tasks(self, slot: str) -> list[HumanTask]:
@@ -414,6 +434,7 @@ class HumanProcess:
         """A business activity (after `checkpoint`); its failure ends the process in
         `FAILED_STAGE` (a `Stop`), never as a failed workflow."""
         self.checkpoint()
+        await self.rt.before_activity()
         try:
             return await workflow.execute_activity_method(
                 activity,
@@ -425,11 +446,18 @@ class HumanProcess:
         except ActivityError as err:
             raise Stop(self.FAILED_STAGE, f"{what} failed: {cause_of(err)}") from err
 
+    async def handlers_finished(self) -> None:
+        """Wait until every handler has finished (before `run` returns); what handlers that
+        were still running at the end recorded is written then."""
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self.rt.written()
+
     async def finish(self, stage: str, reason: str) -> None:
         self.finishing = (stage, reason)
         await self.before_end()
         self.outcome_reason = reason
         await self.set_stage(stage, reason)
+        await self.rt.written()  # one projection per wait: the instance's last
         self.rt.done = True
         workflow.set_current_details(f"**{stage}**: {reason}")
 
@@ -453,7 +481,8 @@ class HumanProcess:
         mail = self.stage_mail(stage, note)
         if self.rt.local:  # the mail goes into the projection's transaction
             await mail
-            await self.rt.flush()
+            if not self.rt.batched:  # newer instances write it at the next wait
+                await self.rt.flush()
         else:
             await asyncio.gather(self.rt.flush(), mail)
 
@@ -676,7 +705,8 @@ class HumanProcess:
             self._sla_event("breached", task.name, task.task_id, deadline=True)
             self._last_decision = (TIMED_OUT, SYSTEM_ACTOR)
         self.rt.task_changed(task)
-        await self.rt.flush()
+        if not self.rt.batched:  # newer instances write it as they wait again (or end)
+            await self.rt.flush()
 
     async def _due_time_reached(self, due: DueTime) -> None:
         due.fired = True
@@ -684,7 +714,8 @@ class HumanProcess:
             self.rt.audit(SYSTEM_ACTOR, "sla_breached", due.name)
             self._sla_event("breached", due.name)
             await self.on_sla_breach(due)
-        await self.rt.flush()
+        if not self.rt.batched:  # newer instances write it as they wait again (or end)
+            await self.rt.flush()
 
     # ================================================================== mail
     async def notify(
@@ -782,9 +813,9 @@ class HumanProcess:
             task_id=task.task_id,
         )
         self._last_decision = (inp.outcome, inp.actor.username)
-        ticket = self.rt.changed()
+        ticket = self.rt.changed(early=True)  # answered at the step it causes
         await self.rt.handler_flush()
-        await self.rt.settled(ticket)
+        await self.rt.settled(ticket, early=True)
         return DecideResult(task=task_view(task, self.calendar), stage=self.stage)
 
     @decide.validator

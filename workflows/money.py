@@ -260,8 +260,10 @@ class MoneyProcess(HumanProcess):
     # ================================================================== steps
     async def capture(self, step: str, amount: Decimal, customer_id: str, summary: str) -> None:
         """Charge `amount` once: the key is the workflow id and the step, so a retried capture
-        returns the first charge. A decline raises (ActivityError); the process decides."""
+        returns the first charge. A decline raises (ActivityError); the process decides.
+        The main loop's step (an update waiting for it is answered first)."""
         key = f"{self.rt.workflow_id}:{step}"
+        await self.rt.before_activity()
         result = await workflow.execute_activity_method(
             PaymentActivities.capture_payment,
             PaymentRequest(
@@ -310,17 +312,20 @@ class MoneyProcess(HumanProcess):
         await self.wait(lambda: paid() >= needed or not gate.is_open, what)
         if gate.is_open:
             self.close_task(gate, "paid")
-            await self.rt.flush()
+            if not self.rt.batched:  # newer instances write it as they wait again (or end)
+                await self.rt.flush()
         return gate.outcome != TIMED_OUT
 
     async def refund_all(self, why: str) -> None:
-        """Give back every charge and incoming payment (what each can still give back)."""
+        """Give back every charge and incoming payment (what each can still give back). The
+        main loop's step (an update waiting for it is answered before the first refund)."""
         for p in [p for p in self.ledger.payments if p.kind in ("charge", "incoming")]:
             refund_key = f"{self.rt.workflow_id}:refund:{p.key}"
             if self.ledger.has(refund_key):
                 continue
             amount = self.ledger.refundable(p) if self.hardened else p.amount
             if amount > 0:
+                await self.rt.before_activity()
                 await self._refund(p, amount, refund_key, why)
 
     async def _refund(self, p: PaymentView, amount: Decimal, key: str, why: str) -> None:
@@ -372,6 +377,9 @@ class MoneyProcess(HumanProcess):
         task.deadline_at = None  # settled by a person, never timed out
         self.settlements.append(task)
         await self.set_stage(self.ATTENTION_STAGE, what)
+        # a task for a person, and the stage a cancellation answers at: written at once (older
+        # instances wrote it with the stage)
+        await self.rt.written()
 
     async def _refund_excess(self) -> None:
         """Money received beyond the amount due goes back (or, by policy, to a finance task)."""

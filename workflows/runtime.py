@@ -1,8 +1,9 @@
 """What every process workflow needs around its human tasks, kept in one place:
 
-- the read-model projection (tasks, stage, audit) and the step's mails batched into one
-  `project` local activity per step (mails are queued in the outbox in the same transaction;
-  the worker's mail dispatcher sends them);
+- the read-model projection (tasks, stage, audit) and the steps' mails batched into one
+  `project` local activity (mails are queued in the outbox in the same transaction; the
+  worker's mail dispatcher sends them): one per wait since `projection-per-wait` (below), one
+  per step before;
 - the PendingRoles search attribute and the instance's current details kept current;
 - waiting for a condition while firing every due time: task timers (reminder, escalation
   levels, deadline) from the board, and stage/process SLAs and waits until an instant from
@@ -44,6 +45,17 @@ from workflows.human_task import HumanTask, TaskBoard
 # before it settles them. Instances started before keep the old commands
 # for their whole life (tests/histories replay both).
 LOCAL_PROJECTION = "local-projection-outbox"
+# Since 2026-12 (issue 12): the writes of every step between two waits (stage changes, task
+# snapshots, audit, mails, instance record and visits) go out in one projection, with one
+# search-attribute upsert carrying the Stage / PendingRoles of that moment, when the instance is
+# about to wait, ends or continues as new; no longer one per stage change. An update that waits
+# for its step (`settled`) is answered as soon as that step is written: at the next wait, or
+# before the next business activity when the step leads into one (`before_activity`), no longer
+# after every automated step that follows. What a business activity's failure interrupts stays
+# in the batch and is written with the compensation path's writes (nothing is lost: the batch
+# lives in the workflow, and a replay rebuilds it). Instances started before keep one
+# projection per step.
+PROJECTION_PER_WAIT = "projection-per-wait"
 A = TypeVar("A")
 R = TypeVar("R")
 BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
@@ -132,9 +144,15 @@ class ProcessRuntime:
         self._pending_roles: list[str] | None = None
         self._events = 0  # changes made by handlers
         self._settled = 0  # changes the main loop has acted upon
+        # one projection per wait: changes the main loop has written, at a wait or before a
+        # business activity (>= _settled), and the newest whose update answers that early
+        self._answered = 0
+        self._early = 0
         self._inflight = 0  # event handlers (signals) still running their activities
         self._waited = False  # the main loop reached its first wait
         self.local = workflow.patched(LOCAL_PROJECTION)  # decided once, at the first task
+        # one projection per wait (decided once too; older instances never ask)
+        self.batched = self.local and workflow.patched(PROJECTION_PER_WAIT)
         self._upserts: dict[str, SearchAttributeUpdate] = {}  # by attribute, until the flush
         # set by the process: called where the instance waits once Temporal suggests a new
         # run; it continues as new (raises) and never returns
@@ -227,12 +245,31 @@ class ProcessRuntime:
             and not batch.mails
         ):
             return
+        stage = batch.stage.stage if batch.stage else batch.instance.stage if batch.instance else ""
         summary = (
             f"record {len(batch.tasks)} task(s), {len(batch.audit)} audit entr(ies)"
-            + (f", stage {batch.stage.stage}" if batch.stage else "")
+            + (f", stage {stage}" if stage and (batch.stage or self.batched) else "")
             + (f", {len(batch.mails)} mail(s)" if batch.mails else "")
         )
         await self.bookkeeping(RecordActivities.project, batch, summary=summary)
+
+    async def before_activity(self) -> None:
+        """The main loop is about to run a business activity (only the main loop calls this).
+        One projection per wait: if an update waits for the step it caused (`changed(early=
+        True)`, a decision), the steps so far are written now and it is answered; otherwise
+        they stay in the batch, and a failure of the activity writes them with its compensation
+        path. Older instances wrote every step already."""
+        if not self.batched or self._answered >= self._early:
+            return
+        seen = self._events  # a change arriving while the projection runs is not answered
+        await self.flush()
+        self._answered = seen
+
+    async def written(self) -> None:
+        """Write what is still in the batch (one projection per wait: as the instance ends, or
+        after the handlers that ran at its end). Older instances wrote it with each step."""
+        if self.batched:
+            await self.flush()
 
     async def bookkeeping(
         self, activity: Callable[[Any, A], Awaitable[R]], arg: A, *, summary: str
@@ -290,12 +327,16 @@ class ProcessRuntime:
         interrupted: Callable[[], bool],
     ) -> None:
         while not condition() and not interrupted():
+            # one projection per wait: a change arriving while it runs is acted on after it
+            before = self._events
             await self.flush()  # the read model is current whenever the instance waits
             if condition() or interrupted():
                 break
+            if not self.batched:
+                before = self._events
             due = self._next_due()
             workflow.set_current_details(describe())
-            self._settled = self._events
+            self._settled = self._answered = before
             self._waited = True
             if self.continue_as_new is not None and workflow.info().is_continue_as_new_suggested():
                 # let running handlers finish first; anything they change is acted on (and
@@ -307,6 +348,8 @@ class ProcessRuntime:
 
                 await workflow.wait_condition(drained)
                 if self._events == seen and not interrupted():
+                    if self.batched:  # nothing written may stay behind in this run
+                        await self.flush()
                     await self.continue_as_new()
                 continue
             if due is not None:
@@ -314,7 +357,7 @@ class ProcessRuntime:
                 if delay <= timedelta(0):
                     await on_timer(due[1], due[2])
                     continue
-            seen = self._events
+            seen = before
 
             def woken(seen: int = seen) -> bool:
                 return condition() or interrupted() or self._events != seen
@@ -338,14 +381,27 @@ class ProcessRuntime:
         return task
 
     # ------------------------------------------------------------------ settling
-    def changed(self) -> int:
-        """A handler changed state; returns its ticket for `settled`."""
+    def changed(self, *, early: bool = False) -> int:
+        """A handler changed state; returns its ticket for `settled`. `early`: its update is
+        answered once the step it causes is written, before a business activity that follows
+        (one projection per wait), rather than at the next wait."""
         self._events += 1
+        if early:
+            self._early = self._events
         return self._events
 
-    async def settled(self, ticket: int) -> None:
+    async def settled(self, ticket: int, *, early: bool = False) -> None:
         """Return once the main loop acted on the change `ticket` and on every event handler
-        running now (or the process ended)."""
+        running now (or the process ended); `early` (a ticket of `changed(early=True)`): once
+        that is written, even before the business activity that follows."""
+        if early and self.batched:
+            await workflow.wait_condition(
+                lambda: (
+                    (self._answered >= max(ticket, self._events) and self._inflight == 0)
+                    or self.done
+                )
+            )
+            return
         await workflow.wait_condition(
             lambda: (
                 (self._settled >= max(ticket, self._events) and self._inflight == 0) or self.done

@@ -370,7 +370,7 @@ class SalesOrderWorkflow(MoneyProcess):
             await self.finish(*self.finishing)
         else:
             await self._process_map(inp)
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self.handlers_finished()
         ledger = self.ledger
         return SalesOrderResult(
             order_no=inp.order_no,
@@ -531,8 +531,10 @@ class SalesOrderWorkflow(MoneyProcess):
         await self.rt.quiesce()  # a payment being recorded right now is refunded too
         for t in self.rt.board.open_tasks():
             self.close_task(t, WITHDRAWN, comment="process ended")
-        await self.rt.flush()
+        if not self.rt.batched:  # newer instances write it before an activity or at the end
+            await self.rt.flush()
         if self.stock_reserved:
+            await self.rt.before_activity()
             await workflow.execute_activity_method(
                 WarehouseActivities.release_stock,
                 StockRequest(order_no=self.inp.order_no, lines=self._line_records()),

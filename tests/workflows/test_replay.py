@@ -19,29 +19,31 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from workflows.runtime import LOCAL_PROJECTION
+from workflows.runtime import LOCAL_PROJECTION, PROJECTION_PER_WAIT
 from workflows.sales_order import HARDENING, SalesOrderWorkflow
 
-HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
+HISTORY_DIR = Path(__file__).parents[1] / "histories"
+HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
+MAIN_PATHS = (
+    "1200000",
+    "rejection",
+    "prepaid",
+    "special_change",
+    "out_of_stock",
+    "cancel",
+    "k_of_n",
+    "claim_release",
+    "refused_refund",
+    "overpayment",
+    "one_provider_event",
+    "continue_as_new__first_run",
+    "continue_as_new__last_run",
+)
 
 
 def test_histories_are_recorded_for_the_main_paths():
     names = " ".join(p.name for p in HISTORIES)
-    for path in (
-        "1200000",
-        "rejection",
-        "prepaid",
-        "special_change",
-        "out_of_stock",
-        "cancel",
-        "k_of_n",
-        "claim_release",
-        "refused_refund",
-        "overpayment",
-        "one_provider_event",
-        "continue_as_new__first_run",
-        "continue_as_new__last_run",
-    ):
+    for path in MAIN_PATHS:
         assert path in names, f"no recorded history for {path}"
 
 
@@ -70,8 +72,42 @@ def test_histories_replay_both_sides_of_the_hardening_patch():
     before = [p for p in HISTORIES if p.stem.endswith("before_hardening")]
     assert len(patched) >= 10 and len(before) >= 10
     assert not any(HARDENING in _patches(p) for p in before)
-    continued = [p for p in patched if "continue_as_new" in p.stem]
+    continued = [
+        p for p in patched if "continue_as_new" in p.stem and PROJECTION_PER_WAIT not in _patches(p)
+    ]
     assert len(continued) == 2  # a run that continues as new, and one that began from a carry
+
+
+def test_histories_replay_both_sides_of_the_projection_per_wait_patch():
+    """Instances from before one projection per wait (a projection and an upsert per stage
+    change, a decision answered at the next wait) and after it (one per wait, a decision
+    answered at the step it caused): every main path recorded on both sides."""
+    patched = [p for p in HISTORIES if PROJECTION_PER_WAIT in _patches(p)]
+    before = [p for p in HISTORIES if PROJECTION_PER_WAIT not in _patches(p)]
+    assert len(patched) >= 20 and len(before) >= 40
+    assert all(p.stem.endswith("__projection_per_wait") for p in patched)
+    assert not any(p.stem.endswith("__projection_per_wait") for p in before)
+    for path in MAIN_PATHS:
+        for side in (patched, before):
+            assert any(path in p.name for p in side), f"{path}: not recorded on both sides"
+    # the same path on both sides: one projection per wait instead of one per stage change
+    name = "sales_order__test_order_of_1200000_needs_vice_president_then_sales_director__0"
+    old = _projections(HISTORY_DIR / f"{name}.json")
+    new = _projections(HISTORY_DIR / f"{name}__projection_per_wait.json")
+    assert (old, new) == (10, 4)
+
+
+def _projections(path: Path) -> int:
+    document = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(document["workflow_id"], document["history"])
+    return sum(
+        json.loads(e.marker_recorded_event_attributes.details["data"].payloads[0].data).get(
+            "activity_type"
+        )
+        == "project"
+        for e in history.events
+        if e.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    )
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)

@@ -144,4 +144,7 @@ async def test_current_details_tell_operators_what_the_instance_waits_for(harnes
         if e.HasField("user_metadata")
     ]
     assert any(b"load the current sales order policy" in s for s in summaries)
-    assert any(b"record 1 task(s)" in s and b"1 mail(s)" in s for s in summaries)
+    # one projection for every step up to the wait: both stages' mails and the task's
+    assert any(
+        b"record 1 task(s)" in s and b"stage approval" in s and b"3 mail(s)" in s for s in summaries
+    )
