@@ -14,12 +14,13 @@ from temporalio import workflow
 # the sandbox re-imports this module for each instance: what it needs besides comes through
 with workflow.unsafe.imports_passed_through():
     import pytest
+    import pytest_asyncio
     from temporalio.client import WorkflowUpdateFailedError
     from temporalio.exceptions import ApplicationError
     from temporalio.testing import WorkflowEnvironment
     from temporalio.worker import Worker
 
-    from tests.workflows.conftest import Fakes
+    from tests.workflows.conftest import Fakes, start_time_skipping
     from workflows.approval import APPROVED, ApprovalLevel
     from workflows.errors import FOUR_EYES
     from workflows.human_task import Actor, DecideInput, TaskActionInput, TaskTimes
@@ -77,6 +78,17 @@ class ReviewProcess(HumanProcess):
 
 
 TIMES = TaskTimes(remind_after=timedelta(hours=1), deadline=timedelta(days=3))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def ts_env():
+    """A time-skipping server of this module's own (its timer tests stalled beside other files
+    on the shared one, as tests/workflows/test_timers_real_activities.py says)."""
+    env = await start_time_skipping()
+    try:
+        yield env
+    finally:
+        await env.shutdown()
 
 
 @pytest.fixture
