@@ -53,11 +53,19 @@ another branch and fails as non-deterministic: the workflow task retries until a
 the old data takes it. Hence: pin `tzdata` and `holidays` with the worker, and upgrade them like
 workflow code, once the instances that started on the old data have ended or moved on.
 
+**Cancellation.** The `cancel` update (`CancelInput`: reason, actor) is refused by its
+validator once the instance ended, while a cancellation is under way (`Conflict`), and for
+anyone but the requester or a holder of one of `CANCEL_ROLES` (`NotPermitted`); it sets
+`cancel_request`, which the default `interrupted` / `checkpoint` turn into a `Stop` into
+`CANCELLED_STAGE`, and answers once the instance has ended. `end_on_stop` ends a process on a
+`Stop` (open tasks withdrawn, the visit left with outcome and who, `finish`). An external event
+an update applies answers through `record_event` (audited, written, acted on).
+
 A process subclasses it, declares `PROCESS_TYPE`, `TASK_KINDS` and `END_STATUS` (its end stages
 and the instance status each means), puts `@workflow.init` on its `__init__` (calling
-`super().__init__`) and `@workflow.run` on its run method; it re-declares `status` and `settle`
-with its own status model (delegating to `status_fields` / `settled_status`) so that typed
-clients decode its fields.
+`super().__init__`) and `@workflow.run` on its run method; it re-declares only `status` with
+its own status model (delegating to `status_fields`): `settle` and `cancel` then answer that
+model too (`__init_subclass__`), so that typed clients decode its fields.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_type_hints
 
 from pydantic import BaseModel, Field, ValidationError
 from temporalio import workflow
@@ -102,13 +110,14 @@ from workflows.calendar import (
     due,
     local_isoformat,
 )
-from workflows.errors import CONFLICT
+from workflows.errors import CONFLICT, NOT_PERMITTED
 from workflows.errors import refuse as _refuse
 from workflows.human_task import (
     APPROVAL_KIND,
     SYSTEM_ACTOR,
     TIMED_OUT,
     WITHDRAWN,
+    Actor,
     DecideInput,
     HumanTask,
     TaskActionInput,
@@ -251,6 +260,13 @@ class ProcessStatus(BaseModel):
     )
 
 
+class CancelInput(BaseModel):
+    """A cancellation: why, and who asks (from the caller's credentials)."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+    actor: Actor
+
+
 class DecideResult(BaseModel):
     task: TaskView
     stage: str = Field(description="the process's stage after the decision")
@@ -283,6 +299,27 @@ class HumanProcess:
     OWNER_ROLE: ClassVar[str | None] = None
     NOUN: ClassVar[str] = "process"  # in messages: "the order has ended"
     FAILED_STAGE: ClassVar[str] = "failed"  # where a failed business step ends the process
+    CANCELLED_STAGE: ClassVar[str] = "cancelled"  # where a cancellation ends it
+    # who may cancel an instance besides its requester (the `cancel` update's validator)
+    CANCEL_ROLES: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A process that re-declares `status` with its own model gets `settle` and `cancel`
+        answering that model: the SDK decodes an update's result by the return annotation of
+        the handler it is given, and an inherited handler's annotation is the kernel's
+        `ProcessStatus` (a typed client would drop the process's own fields). A handler the
+        process declares itself is left alone."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("status")
+        model = get_type_hints(own).get("return") if own is not None else None
+        if not (isinstance(model, type) and issubclass(model, ProcessStatus)):
+            return
+        for name, factory in (("settle", _settle_handler), ("cancel", _cancel_handler)):
+            if name not in cls.__dict__:
+                handler = factory(model)
+                handler.__module__ = cls.__module__
+                handler.__qualname__ = f"{cls.__qualname__}.{name}"
+                setattr(cls, name, handler)
 
     def __init__(
         self,
@@ -310,6 +347,7 @@ class HumanProcess:
         # the pinned policy's business calendar (`load_policy`): business durations use it
         self.calendar: BusinessCalendar | None = None
         self._last_decision: tuple[str, str] | None = None  # (outcome, by) in this visit
+        self.cancel_request: CancelInput | None = None  # set by the `cancel` update
         self.hardened = workflow.patched(HARDENING)
         self.rt.board.strict = self.hardened
         if self.hardened:
@@ -330,11 +368,20 @@ class HumanProcess:
         return f"{self.PROCESS_TYPE} {self.rt.business_key}"
 
     def interrupted(self) -> bool:
-        """True when a wait must stop (e.g. a cancellation arrived)."""
-        return False
+        """True when a wait must stop: by default once a cancellation arrived."""
+        return self.cancel_request is not None
 
     def checkpoint(self) -> None:
-        """Raise `Stop` if the process must end here (called after every interruptible wait)."""
+        """Raise `Stop` if the process must end here (called after every interruptible wait and
+        before a business step): by default into `CANCELLED_STAGE` once a cancellation arrived."""
+        if self.cancel_request is not None:
+            raise Stop(self.CANCELLED_STAGE, self.cancel_reason(self.cancel_request))
+
+    def cancel_reason(self, request: CancelInput) -> str:
+        """The outcome reason of a cancelled instance."""
+        actor = request.actor.username
+        who = "the requester" if actor == self.requester else actor
+        return f"cancelled by {who}: {request.reason}"
 
     def stage_changed(self, stage: str, note: str) -> None:
         """Called as the instance enters a stage (before its projection is written)."""
@@ -452,14 +499,38 @@ class HumanProcess:
         await workflow.wait_condition(workflow.all_handlers_finished)
         await self.rt.written()
 
-    async def finish(self, stage: str, reason: str) -> None:
+    async def finish(
+        self, stage: str, reason: str, *, outcome: str | None = None, by: str | None = None
+    ) -> None:
+        """End the process in `stage`; the visit it leaves records `outcome` and `by` (by
+        default the last decision taken in it, or the system)."""
         self.finishing = (stage, reason)
         await self.before_end()
         self.outcome_reason = reason
-        await self.set_stage(stage, reason)
+        await self.set_stage(stage, reason, outcome=outcome, by=by)
         await self.rt.written()  # one projection per wait: the instance's last
         self.rt.done = True
         workflow.set_current_details(f"**{stage}**: {reason}")
+
+    async def end_on_stop(self, stop: Stop) -> None:
+        """End the process where a `Stop` says: its open tasks withdrawn, the visit it leaves
+        ended with the stop's stage as outcome, by whoever cancelled (a cancellation) or else
+        the last decision taken in it (or the system)."""
+        for t in self.rt.board.open_tasks():
+            self.close_task(t, WITHDRAWN, comment=stop.reason)
+        request = self.cancel_request
+        by = request.actor.username if request and stop.stage == self.CANCELLED_STAGE else None
+        await self.finish(stop.stage, stop.reason, outcome=str(stop.stage), by=by)
+
+    async def record_event(
+        self, action: str, note: str = "", details: Mapping[str, Any] | None = None
+    ) -> None:
+        """An external event an update handler applied: audited (by the system: the gateway
+        sends no actor) and answered once it is written and the instance acted on it."""
+        self.rt.audit(SYSTEM_ACTOR, action, note, dict(details or {}))
+        ticket = self.rt.changed()
+        await self.rt.handler_flush()
+        await self.rt.settled(ticket)
 
     # ================================================================== stages and projection
     async def set_stage(
@@ -801,6 +872,34 @@ class HumanProcess:
         return self.status()
 
     @workflow.update
+    async def cancel(self, inp: CancelInput) -> ProcessStatus:
+        """The requester (or one of `CANCEL_ROLES`) cancels the instance; answered once it
+        has ended (see `checkpoint` and `end_on_stop`)."""
+        return await _cancel(self, inp)
+
+    @cancel.validator
+    def _validate_cancel(self, inp: CancelInput) -> None:
+        self.validate_cancel(inp)
+
+    def may_cancel(self, actor: Actor) -> bool:
+        """The requester, or someone holding one of `CANCEL_ROLES`."""
+        return actor.username == self.requester or bool(self.CANCEL_ROLES & set(actor.roles))
+
+    def validate_cancel(self, inp: CancelInput) -> None:
+        """Refuse a cancellation (nothing enters history): the instance has ended, one is
+        under way already, or the actor may not cancel it."""
+        self.refuse_if_ended()
+        if self.cancel_request is not None:
+            raise _refuse(CONFLICT, f"the {self.NOUN} is already being cancelled")
+        if not self.may_cancel(inp.actor):
+            roles = ", ".join(sorted(self.CANCEL_ROLES))
+            raise _refuse(
+                NOT_PERMITTED,
+                f"only the requester{f' or one of the roles {roles}' if roles else ''} may "
+                f"cancel the {self.NOUN}",
+            )
+
+    @workflow.update
     async def decide(self, inp: DecideInput) -> DecideResult:
         """A person decides a task; returns the task and the stage after it."""
         task = self.rt.board.apply_decision(inp, workflow.now())
@@ -877,3 +976,41 @@ class HumanProcess:
     @reassign.validator
     def _validate_reassign(self, inp: TaskActionInput) -> None:
         self.rt.board.validate_action("reassign", inp, strict=True)
+
+
+# ----------------------------------------------------------------------------- typed handlers
+async def _cancel(process: HumanProcess, inp: CancelInput) -> ProcessStatus:
+    process.cancel_request = inp
+    process.rt.audit(inp.actor.username, "cancel_requested", inp.reason)
+    await workflow.wait_condition(lambda: process.rt.done)
+    return process.status()
+
+
+def _settle_handler(model: type[ProcessStatus]) -> Any:
+    """`settle` answering a process's own status model (see `HumanProcess.__init_subclass__`).
+    `self` stays unannotated: the SDK would take an annotated one for an argument."""
+
+    async def settle(self) -> ProcessStatus:
+        """Return the status once the instance has processed everything received so far."""
+        await self.settled_now()
+        return self.status()
+
+    settle.__annotations__ = {**settle.__annotations__, "return": model}
+    return workflow.update(settle)
+
+
+def _cancel_handler(model: type[ProcessStatus]) -> Any:
+    """`cancel` answering a process's own status model, with the kernel's validator."""
+
+    async def cancel(self, inp: CancelInput) -> ProcessStatus:
+        """The requester (or one of `CANCEL_ROLES`) cancels the instance; answered once it
+        has ended."""
+        return await _cancel(self, inp)
+
+    def validate(self, inp: CancelInput) -> None:
+        self.validate_cancel(inp)
+
+    cancel.__annotations__ = {**cancel.__annotations__, "return": model}
+    handler = workflow.update(cancel)
+    handler.validator(validate)
+    return handler

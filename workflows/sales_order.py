@@ -49,6 +49,7 @@ from workflows.errors import DUPLICATE_EVENT as DUPLICATE_EVENT
 from workflows.errors import NOT_CANCELLABLE as NOT_CANCELLABLE
 from workflows.human_task import MANAGER_ROLE, TIMED_OUT, WITHDRAWN, Actor, HumanTask, TaskTimes
 from workflows.kernel import HARDENING as HARDENING
+from workflows.kernel import CancelInput as CancelInput
 from workflows.kernel import DecideResult as DecideResult
 from workflows.kernel import DecisionRecord as DecisionRecord
 from workflows.kernel import StageEntry as StageEntry
@@ -231,11 +232,6 @@ class AmendInput(BaseModel):
     actor: Actor
 
 
-class CancelInput(BaseModel):
-    reason: str = Field(min_length=1, max_length=2000)
-    actor: Actor
-
-
 class SalesOrderStatus(MoneyStatus):
     order_no: str
     stage: Stage
@@ -302,6 +298,8 @@ class SalesOrderWorkflow(MoneyProcess):
     )
     NOUN = "order"
     FAILED_STAGE = Stage.FAILED
+    CANCELLED_STAGE = Stage.CANCELLED
+    CANCEL_ROLES = CANCEL_ROLES
     AWAITING_PAYMENT_STAGE = Stage.AWAITING_PAYMENT
     ATTENTION_STAGE = Stage.NEEDS_ATTENTION
 
@@ -319,7 +317,6 @@ class SalesOrderWorkflow(MoneyProcess):
             carry=inp.carry,
         )
         self.ack_tasks: list[HumanTask] = []
-        self.cancel_request: CancelInput | None = None
         self.tracking_no: str | None = None
         self.invoice_no: str | None = None
         self.stock_reserved = False
@@ -545,13 +542,9 @@ class SalesOrderWorkflow(MoneyProcess):
         await self.refund_all("compensation")
 
     # ================================================================== kernel hooks
-    def interrupted(self) -> bool:
-        return self.cancel_request is not None
-
-    def checkpoint(self) -> None:
-        if self.cancel_request is not None:
-            actor, reason = self.cancel_request.actor.username, self.cancel_request.reason
-            raise Stop(Stage.CANCELLED, f"cancelled by {actor}: {reason}")
+    def cancel_reason(self, request: CancelInput) -> str:
+        # the kernel's `interrupted` / `checkpoint` end a cancelled order with this reason
+        return f"cancelled by {request.actor.username}: {request.reason}"
 
     def label(self) -> str:
         return f"order {self.inp.order_no}"
@@ -644,13 +637,6 @@ class SalesOrderWorkflow(MoneyProcess):
             invoice_no=self.invoice_no,
         )
 
-    # the SDK's update descriptor is invariant in its owner: the narrower return is on purpose
-    @workflow.update
-    async def settle(self) -> SalesOrderStatus:  # type: ignore[override]
-        """Return the status once the instance has processed everything received so far."""
-        await self.settled_now()
-        return self.status()
-
     @workflow.update
     async def amend(self, inp: AmendInput) -> SalesOrderStatus:
         """A special change: flag the order; each notified department must acknowledge it."""
@@ -694,8 +680,10 @@ class SalesOrderWorkflow(MoneyProcess):
                 NOT_PERMITTED, "only the requester, sales or a manager may change an order"
             )
 
+    # its own `cancel` (not the kernel's): it answers once compensated or needing attention,
+    # and refuses once shipped; the SDK's update descriptor is invariant in its owner
     @workflow.update
-    async def cancel(self, inp: CancelInput) -> SalesOrderStatus:
+    async def cancel(self, inp: CancelInput) -> SalesOrderStatus:  # type: ignore[override]
         """The requester or a manager cancels the order; what was done is compensated."""
         self.cancel_request = inp
         self.rt.audit(inp.actor.username, "cancel_requested", inp.reason)
@@ -708,7 +696,7 @@ class SalesOrderWorkflow(MoneyProcess):
         self._refuse_if_shipped("cancelled")
         if self.cancel_request is not None:
             raise refuse(CONFLICT, "the order is already being cancelled")
-        if inp.actor.username != self.inp.requester and not CANCEL_ROLES & set(inp.actor.roles):
+        if not self.may_cancel(inp.actor):
             raise refuse(NOT_PERMITTED, "only the requester or a manager may cancel an order")
 
     def _refuse_if_shipped(self, what: str) -> None:

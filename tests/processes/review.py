@@ -20,8 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import InstanceStatus
     from core.temporal import CUSTOMER_ID
     from workflows.approval import APPROVED, ApprovalLevel
-    from workflows.errors import CONFLICT, DUPLICATE_EVENT, NOT_PERMITTED, refuse
-    from workflows.human_task import SYSTEM_ACTOR, WITHDRAWN, Actor
+    from workflows.errors import CONFLICT, DUPLICATE_EVENT, refuse
     from workflows.kernel import HumanProcess, ProcessStatus, Stop
     from workflows.policy import ProcessPolicy, TaskTimers
     from workflows.registry import ProcessEvent, ProcessType
@@ -55,11 +54,6 @@ class CommentAdded(BaseModel):
     text: str = Field(min_length=1, max_length=2000)
 
 
-class CancelInput(BaseModel):
-    reason: str = Field(min_length=1, max_length=2000)
-    actor: Actor
-
-
 class ReviewStatus(ProcessStatus):
     doc_no: str
     title: str
@@ -82,7 +76,6 @@ class ReviewWorkflow(HumanProcess):
     def __init__(self, inp: ReviewInput) -> None:
         self.inp = inp
         self.comments: dict[str, str] = {}
-        self.cancel_request: CancelInput | None = None
         super().__init__(
             business_key=inp.doc_no, requester=inp.requester, initial_stage="submitted"
         )
@@ -98,23 +91,13 @@ class ReviewWorkflow(HumanProcess):
         try:
             outcome = await self.approval_level(level, "review", times, f"Review: {inp.title}")
             await self.finish("approved" if outcome == APPROVED else "rejected", outcome)
-        except Stop as stop:
-            for t in self.rt.board.open_tasks():
-                self.close_task(t, WITHDRAWN, comment=stop.reason)
-            await self.set_stage(stop.stage, stop.reason, outcome=stop.stage, by=inp.requester)
-            await self.finish(stop.stage, stop.reason)
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        except Stop as stop:  # cancelled: the kernel's `cancel` update and `checkpoint`
+            await self.end_on_stop(stop)
+        await self.handlers_finished()
         return self.stage
 
     def summary(self) -> dict[str, Any]:
         return {"title": self.inp.title, "customer_id": self.inp.customer_id}
-
-    def interrupted(self) -> bool:
-        return self.cancel_request is not None
-
-    def checkpoint(self) -> None:
-        if self.cancel_request is not None:
-            raise Stop("cancelled", f"cancelled by the requester: {self.cancel_request.reason}")
 
     @workflow.query
     def status(self) -> ReviewStatus:
@@ -127,34 +110,10 @@ class ReviewWorkflow(HumanProcess):
         )
 
     @workflow.update
-    async def settle(self) -> ReviewStatus:  # type: ignore[override]
-        await self.settled_now()
-        return self.status()
-
-    @workflow.update
-    async def cancel(self, inp: CancelInput) -> ReviewStatus:
-        """The requester withdraws the document; the open task is withdrawn."""
-        self.cancel_request = inp
-        self.rt.audit(inp.actor.username, "cancel_requested", inp.reason)
-        await workflow.wait_condition(lambda: self.rt.done)
-        return self.status()
-
-    @cancel.validator
-    def _validate_cancel(self, inp: CancelInput) -> None:
-        self.refuse_if_ended()
-        if self.cancel_request is not None:
-            raise refuse(CONFLICT, "the review is already being cancelled")
-        if inp.actor.username != self.inp.requester:
-            raise refuse(NOT_PERMITTED, "only the requester may cancel a review")
-
-    @workflow.update
     async def add_comment(self, event: CommentAdded) -> ReviewStatus:
         """An external system reports a comment on the document."""
         self.comments[event.comment_id] = event.text
-        self.rt.audit(SYSTEM_ACTOR, "comment_added", event.text, {"id": event.comment_id})
-        ticket = self.rt.changed()
-        await self.rt.handler_flush()
-        await self.rt.settled(ticket)
+        await self.record_event("comment_added", event.text, {"id": event.comment_id})
         return self.status()
 
     @add_comment.validator

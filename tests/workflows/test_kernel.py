@@ -1,6 +1,6 @@
 """The process kernel: a tiny process defined here on `HumanProcess` (one stage, one approval
-task, an end) gets every handler, its read-model projection, stacked escalations, SLAs and
-waits until an instant from the kernel alone, on the time-skipping server."""
+task, an end) gets every handler, its read-model projection, stacked escalations, SLAs, waits
+until an instant and cancellation from the kernel alone, on the time-skipping server."""
 
 from __future__ import annotations
 
@@ -15,21 +15,30 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     import pytest
     import pytest_asyncio
-    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateStage
     from temporalio.exceptions import ApplicationError
     from temporalio.testing import WorkflowEnvironment
     from temporalio.worker import Worker
 
     from tests.workflows.conftest import Fakes, start_time_skipping
     from workflows.approval import APPROVED, ApprovalLevel
-    from workflows.errors import FOUR_EYES
-    from workflows.human_task import Actor, DecideInput, TaskActionInput, TaskTimes
-    from workflows.kernel import DecideResult, HumanProcess, ProcessStatus
+    from workflows.errors import CONFLICT, FOUR_EYES, NOT_PERMITTED
+    from workflows.human_task import (
+        WITHDRAWN,
+        Actor,
+        DecideInput,
+        HumanTask,
+        TaskActionInput,
+        TaskTimes,
+    )
+    from workflows.kernel import CancelInput, DecideResult, HumanProcess, ProcessStatus, Stop
     from workflows.policy import EscalationStep, TaskTimers
 
 RITA = Actor(username="rita", roles=["reviewer"])
 ROB = Actor(username="rob", roles=["reviewer"])
 DIANA = Actor(username="diana", roles=["sales-director"])
+MIKE = Actor(username="mike", roles=["manager"])
+ALICE = Actor(username="alice", roles=["requester"])
 
 
 class ReviewInput(BaseModel):
@@ -38,6 +47,8 @@ class ReviewInput(BaseModel):
     times: TaskTimes
     sla: timedelta | None = None
     hold_until: datetime | None = None
+    # a cancelled review ends only once a reviewer confirmed it (a stop that takes a while)
+    confirm_stop: bool = False
 
 
 class ReviewStatus(ProcessStatus):
@@ -49,7 +60,10 @@ class ReviewProcess(HumanProcess):
     """A review: one approval by a reviewer, then approved or rejected."""
 
     PROCESS_TYPE = "kernel_test_review"
-    END_STATUS = MappingProxyType({"approved": "completed", "rejected": "completed"})
+    END_STATUS = MappingProxyType(
+        {"approved": "completed", "rejected": "completed", "cancelled": "cancelled"}
+    )
+    CANCEL_ROLES = frozenset({"manager"})
 
     @workflow.init
     def __init__(self, inp: ReviewInput) -> None:
@@ -65,12 +79,27 @@ class ReviewProcess(HumanProcess):
         if inp.sla:
             self.start_sla("review", inp.sla)
         level = ApprovalLevel(name="review", roles=["reviewer"])
-        outcome = await self.approval_level(level, "review", inp.times, "Review needed")
-        if inp.hold_until:
-            await self.wait_until(inp.hold_until, "the hold to end")
-        await self.finish("approved" if outcome == APPROVED else "rejected", outcome)
+        try:
+            outcome = await self.approval_level(level, "review", inp.times, "Review needed")
+            if inp.hold_until:
+                await self.wait_until(inp.hold_until, "the hold to end")
+            await self.finish("approved" if outcome == APPROVED else "rejected", outcome)
+        except Stop as stop:
+            if inp.confirm_stop:
+                await self._confirm(stop)
+            await self.end_on_stop(stop)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.stage
+
+    async def _confirm(self, stop: Stop) -> None:
+        task: HumanTask = self.open_task(
+            name="confirm the cancellation",
+            kind="approval",
+            roles=["reviewer"],
+            outcomes=["confirmed"],
+            times=self.inp.times,
+        )
+        await self.wait(lambda: not task.is_open, stop.reason, interruptible=False)
 
     @workflow.query
     def status(self) -> ReviewStatus:
@@ -235,3 +264,70 @@ async def test_wait_until_an_instant_holds_the_process(review, ts_env: WorkflowE
     assert await h.result() == "approved"
     ended = (await h.query(ReviewProcess.status)).stages[-1]
     assert ended.stage == "approved" and ended.at >= hold_until
+
+
+def _refusal(err: pytest.ExceptionInfo[WorkflowUpdateFailedError]) -> str | None:
+    cause = err.value.cause
+    return cause.type if isinstance(cause, ApplicationError) else None
+
+
+async def test_a_process_declaring_only_status_gets_settle_and_cancel_answering_its_model(
+    review,
+):
+    start, fakes = review
+    h = await start()
+    # typed clients decode by the handler's annotation: the kernel's would drop `key`
+    settled = await h.execute_update(ReviewProcess.settle)
+    assert isinstance(settled, ReviewStatus) and settled.key
+    [task] = settled.pending_tasks
+
+    # neither the requester nor one of CANCEL_ROLES: refused by the kernel's validator
+    with pytest.raises(WorkflowUpdateFailedError) as err:
+        await h.execute_update(ReviewProcess.cancel, CancelInput(reason="not mine", actor=ROB))
+    assert _refusal(err) == NOT_PERMITTED
+    assert "only the requester or one of the roles manager" in str(err.value.cause)
+
+    cancelled = await h.execute_update(
+        ReviewProcess.cancel, CancelInput(reason="budget cut", actor=MIKE)
+    )
+    assert isinstance(cancelled, ReviewStatus) and cancelled.key == settled.key
+    assert (cancelled.stage, cancelled.pending_tasks) == ("cancelled", [])
+    assert cancelled.outcome_reason == "cancelled by mike: budget cut"
+    [decision] = cancelled.decisions
+    assert (decision.task_id, decision.outcome) == (task.task_id, WITHDRAWN)
+    assert await h.result() == "cancelled"
+
+    # the visit the cancellation ended says who ended it and how
+    visits = [v for b in fakes.batches for v in b.visits]
+    left = [v for v in visits if v.stage == "review" and v.left_at is not None]
+    assert [(v.outcome, v.by) for v in left] == [("cancelled", "mike")]
+    last = [b.instance for b in fakes.batches if b.instance is not None][-1]
+    assert (last.stage, last.status) == ("cancelled", "cancelled")
+
+
+async def test_a_second_cancellation_while_one_is_under_way_is_a_conflict(review):
+    start, _ = review
+    h = await start(confirm_stop=True)
+    await h.execute_update(ReviewProcess.settle)
+    first = await h.start_update(
+        ReviewProcess.cancel,
+        CancelInput(reason="withdrawn", actor=ALICE),
+        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+    )
+    with pytest.raises(WorkflowUpdateFailedError) as err:
+        await h.execute_update(ReviewProcess.cancel, CancelInput(reason="again", actor=MIKE))
+    assert _refusal(err) == CONFLICT
+    assert str(err.value.cause).endswith("the process is already being cancelled")
+
+    # the stop waits for its confirmation: the review task is still open beside it
+    status = await h.execute_update(ReviewProcess.settle)
+    assert sorted(t.name for t in status.pending_tasks) == ["confirm the cancellation", "review"]
+    [confirm] = [t for t in status.pending_tasks if t.name == "confirm the cancellation"]
+    await h.execute_update(
+        ReviewProcess.decide, DecideInput(task_id=confirm.task_id, outcome="confirmed", actor=ROB)
+    )
+    cancelled = await first.result()
+    assert isinstance(cancelled, ReviewStatus)
+    assert cancelled.stage == "cancelled" and cancelled.pending_tasks == []
+    assert cancelled.outcome_reason == "cancelled by the requester: withdrawn"
+    assert await h.result() == "cancelled"
