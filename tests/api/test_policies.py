@@ -13,8 +13,18 @@ from scripts.seed import seed
 from tests.api.conftest import Api
 from tests.api.test_process_types import TINY, TINY_TYPE
 from workflows import registry
-from workflows.policy import default_policy_document
+from workflows.policy import PolicyModel, default_policy_document
 from workflows.registry import ProcessType
+
+
+class TinyPolicy(PolicyModel):
+    """A policy of the tests' own process type: one key, checked by its own model."""
+
+    review_days: int = 3
+
+
+# the tiny type of test_process_types (which has no policy), with a policy of its own
+TINY_WITH_POLICY = replace(TINY_TYPE, policy_model=TinyPolicy)
 
 
 async def test_seeded_policy_is_version_1_and_matches_the_defaults(api: Api):
@@ -187,7 +197,7 @@ async def test_a_registered_type_without_a_policy_is_404_saying_so(api: Api):
 
 
 async def test_a_registered_types_policy_is_served_checked_and_published(api: Api):
-    with _registered(TINY_TYPE):
+    with _registered(TINY_WITH_POLICY):
         r = await api.get(f"/policies/{TINY}", "alice")
         assert r.status_code == 200, r.text
         assert (r.json()["version"], r.json()["document"]) == (0, {"review_days": 3})
@@ -209,10 +219,10 @@ async def test_a_registered_types_policy_is_served_checked_and_published(api: Ap
 async def test_the_seed_publishes_version_1_of_every_registered_types_policy(
     api: Api, sessions: async_sessionmaker
 ):
-    with _registered(TINY_TYPE):
+    with _registered(TINY_WITH_POLICY):
         added = await seed(sessions)
         assert added["policies"] == 1  # the sales order's was seeded already
         current = (await api.get(f"/policies/{TINY}", "alice")).json()
         assert (current["version"], current["published_by"]) == (1, "system")
-        assert current["document"] == TINY_TYPE.default_policy()
+        assert current["document"] == TINY_WITH_POLICY.default_policy() == {"review_days": 3}
         assert (await seed(sessions))["policies"] == 0
