@@ -231,7 +231,7 @@ class TaskOut(BaseModel):
 
 class TaskPage(BaseModel):
     items: list[TaskOut]
-    total: int
+    total: int | None = Field(description="every matching task; null when asked with count=false")
     limit: int
     offset: int
 

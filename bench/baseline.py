@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import signal
 from datetime import timedelta
+from functools import partial
 
 from pydantic import BaseModel
 from temporalio import activity, workflow
@@ -73,13 +74,16 @@ class BaselineOrderWorkflow:
             if i < last:
                 self.waiting_for = i
                 try:
-                    await workflow.wait_condition(lambda i=i: self.events > i, timeout=WAIT_TIMEOUT)
+                    await workflow.wait_condition(partial(self._past, i), timeout=WAIT_TIMEOUT)
                 except TimeoutError:
                     self.done = True
                     return "timed out"
         self.done = True
         await workflow.wait_condition(workflow.all_handlers_finished)
         return "closed"
+
+    def _past(self, i: int) -> bool:
+        return self.events > i
 
     def _settled(self) -> bool:
         return self.done or self.waiting_for == self.events

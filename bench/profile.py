@@ -9,6 +9,8 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,3 +96,68 @@ class Profiler:
             summaries[name] = summarize(raw) if raw.exists() else {"error": "no samples"}
         self._runs.clear()
         return summaries
+
+
+def busy_s() -> tuple[float, float]:
+    """The machine's busy and total CPU seconds so far, all cores (from /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / TICKS, sum(values) / TICKS
+
+
+@dataclass
+class LoadMeter:
+    """How loaded the machine was while a side ran: /proc/loadavg every few seconds, and the
+    CPU that processes other than the tracked ones (the benchmark's) used meanwhile."""
+
+    interval_s: float = 5.0
+    _pids: dict[str, int] = field(default_factory=dict)
+    _first: dict[str, float] = field(default_factory=dict)
+    _last: dict[str, float] = field(default_factory=dict)
+    _loadavg: list[float] = field(default_factory=list)
+    _t0: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._t0 = (time.monotonic(), *busy_s())
+        self._thread = threading.Thread(target=self._run, name="load-meter", daemon=True)
+        self._thread.start()
+
+    def track(self, pids: dict[str, int]) -> None:
+        """Count these processes as the benchmark's own from now on."""
+        for name, pid in pids.items():
+            if name not in self._pids:
+                self._pids[name] = pid
+                self._first[name] = self._last[name] = cpu_s(pid)
+
+    def _sample(self) -> None:
+        self._loadavg.append(float(Path("/proc/loadavg").read_text().split()[0]))
+        for name, pid in list(self._pids.items()):
+            try:
+                self._last[name] = cpu_s(pid)
+            except (FileNotFoundError, ProcessLookupError):  # ended: its last sample stands
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        t0, busy0, _ = self._t0
+        wall = time.monotonic() - t0
+        busy = busy_s()[0] - busy0
+        ours = sum(self._last[n] - self._first[n] for n in self._pids)
+        loads = self._loadavg or [float("nan")]
+        return {
+            "wall_s": round(wall, 1),
+            "loadavg_mean": round(sum(loads) / len(loads), 2),
+            "loadavg_max": round(max(loads), 2),
+            "busy_cores": round(busy / wall, 2),
+            "bench_cores": round(ours / wall, 2),
+            "others_cores": round(max(0.0, busy - ours) / wall, 2),
+        }

@@ -1,11 +1,19 @@
 """procflow against the engine's own limit: `python -m bench.run [--quick]` (or `make bench`).
 
-Starts its own pieces in a temporary directory, on free loopback ports: a Temporal dev server
-(SQLite file with the WAL pragmas of scripts.run_stack, headless), a migrated and seeded SQLite
-records database, the SMTP sink, the real worker (`python worker.py`, a subprocess: its RSS is
-read from /proc), a baseline worker (`python -m bench.baseline`, a subprocess) and the API
-(in this process, driven by httpx through ASGITransport inside its lifespan). Then it measures,
-side by side in one run, and writes bench/results/latest.json. See bench/README.md.
+For each tree it measures (`--tree LABEL=PATH`, repeatable; by default this checkout), it
+starts its own pieces in a temporary directory, on free loopback ports: a Temporal dev server
+(SQLite file with the WAL pragmas of scripts.run_stack, headless), a SQLite records database
+migrated and seeded by that tree's scripts, the SMTP sink, that tree's worker
+(`python worker.py`, a subprocess: its RSS is read from /proc) and API (uvicorn, a subprocess,
+driven over real HTTP), and a baseline worker (`python -m bench.baseline`, a subprocess). Then
+it measures, side by side in one run, and writes bench/results/latest.json. See
+bench/README.md.
+
+    python -m bench.run --tree before=/tmp/before --tree after=/tmp/after
+
+measures two trees (e.g. git worktrees of two commits) one after the other in the same run,
+each with a stack of its own; PROCFLOW_BENCH_TREES="before=/tmp/before after=/tmp/after" does
+the same for `make bench`.
 """
 
 from __future__ import annotations
@@ -24,26 +32,26 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, insert, select
+from sqlalchemy import MetaData, Table, insert, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from api.app import create_app
 from bench.baseline import BaselineOrderWorkflow, Batch, Shape, Step, TrivialWorkflow
-from bench.profile import CpuMeter, Profiler
-from core.db import OutboxMessage, TaskCandidate, TaskRow, make_engine, make_session_factory
-from core.settings import Settings
+from bench.profile import CpuMeter, LoadMeter, Profiler
+from core.db import make_engine
 from scripts.mailsink import MailSink
-from scripts.migrate import upgrade
 from scripts.run_stack import (
     StackConfig,
     StackError,
@@ -51,21 +59,18 @@ from scripts.run_stack import (
     find_temporal_binary,
     temporal_command,
 )
-from scripts.seed import DEMO_PASSWORD, seed
-from workflows.human_task import Actor, DecideInput
-from workflows.sales_order import (
-    SalesOrderInput,
-    SalesOrderWorkflow,
-    sales_order_workflow_id,
-)
+from scripts.seed import DEMO_PASSWORD
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 HOST = "127.0.0.1"
 USERS = 10  # concurrent simulated users / deciders
-WAVE = 100  # phase 5 starts instances in waves of this many
+STARTERS = 32  # phase 5: client starts in flight at once
+WINDOW = 100  # phase 5: at most this many started instances not yet waiting on approval
+STALL_S = 180  # phase 5 gives up when no instance reached its approval for this long
 QUEUE = "procflow-bench"  # the procflow worker's task queue
 TERMINAL = {"closed", "rejected", "cancelled", "failed"}
+TREES_ENV = "PROCFLOW_BENCH_TREES"  # "label=path label=path": the trees `make bench` measures
 
 
 @dataclass(frozen=True)
@@ -74,19 +79,15 @@ class Sizes:
     decisions: int  # 2. decisions measured
     raw_updates: int  # 2. raw update round trips
     inbox_tasks: int  # 3. synthetic open tasks in the read model
-    inbox_requests: int  # 3. GET /tasks measured
+    inbox_requests: int  # 3. GET /tasks measured per variant
     waiting: int  # 5. instances waiting on approvals
     wal_orders: int  # 4. baseline orders per server and round (two rounds)
     scale_orders: int  # 6. baseline orders per worker count (0: skipped)
 
 
-def cache_size(sizes: Sizes) -> int:
-    """The worker's max_cached_workflows: every instance of phase 5 fits (default 1,000)."""
-    return max(1000, sizes.waiting + 500)
-
-
-QUICK = Sizes(30, 30, 200, 2_000, 100, 300, 20, 0)
-FULL = Sizes(150, 100, 1_000, 10_000, 300, 2_000, 60, 200)
+QUICK = Sizes(30, 30, 200, 5_000, 100, 300, 20, 0)
+FULL = Sizes(150, 100, 1_000, 100_000, 300, 10_000, 60, 200)
+INSERT_CHUNK = 5_000  # phase 3: rows per executemany
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -164,7 +165,7 @@ async def gather_limited(
 
     async def ticker() -> None:
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(10)
             say(phase, f"{done}/{len(items)} done")
 
     tick = asyncio.create_task(ticker())
@@ -173,6 +174,97 @@ async def gather_limited(
     finally:
         tick.cancel()
     return results
+
+
+# ------------------------------------------------------------------------------ trees
+# Run inside a tree (cwd and PYTHONPATH = its root): what the harness needs to know of its code.
+PROBE = """
+import json
+from temporalio import workflow
+from core.settings import Settings
+from workflows.sales_order import SalesOrderWorkflow, sales_order_workflow_id
+print(json.dumps({
+    "workflow": workflow._Definition.must_from_class(SalesOrderWorkflow).name,
+    "workflow_id": sales_order_workflow_id("{}"),
+    "worker_max_cached_workflows": Settings.model_fields["worker_max_cached_workflows"].default,
+}))
+"""
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A checkout whose worker, API, migrations and seeds one side of the run uses."""
+
+    label: str
+    root: Path
+    commit: str
+    subject: str
+    dirty: bool
+    workflow: str  # the sales order's workflow type in this tree
+    workflow_id: str  # its workflow-ID template, "{}" for the order number
+    cache_default: int  # the production default of worker_max_cached_workflows there
+
+    def wid(self, order_no: str) -> str:
+        return self.workflow_id.format(order_no)
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.root)}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "commit": self.commit,
+            "subject": self.subject,
+            "dirty": self.dirty,
+            "workflow": self.workflow,
+            "worker_max_cached_workflows": self.cache_default,
+        }
+
+
+def git(root: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=False, timeout=30
+    )
+    return out.stdout.strip()
+
+
+def load_tree(label: str, root: Path) -> Tree:
+    root = root.resolve()
+    if not (root / "worker.py").is_file():
+        raise SystemExit(f"--tree {label}={root}: no worker.py there")
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=root,
+        env={**_environ(), "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise SystemExit(f"--tree {label}={root}: its code does not load:\n{probe.stderr[-2000:]}")
+    facts = json.loads(probe.stdout.strip().splitlines()[-1])
+    return Tree(
+        label=label,
+        root=root,
+        commit=git(root, "rev-parse", "HEAD") or "unknown",
+        subject=git(root, "log", "-1", "--format=%s")[:120],
+        dirty=bool(git(root, "status", "--porcelain", "--untracked-files=no")),
+        workflow=facts["workflow"],
+        workflow_id=facts["workflow_id"],
+        cache_default=facts["worker_max_cached_workflows"],
+    )
+
+
+def parse_trees(specs: list[str]) -> list[tuple[str, Path]]:
+    trees = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--tree {spec!r}: expected LABEL=PATH")
+        trees.append((label, Path(path)))
+    if len({label for label, _ in trees}) != len(trees):
+        raise SystemExit("--tree: every label once")
+    return trees
 
 
 # ------------------------------------------------------------------------------ processes
@@ -197,18 +289,31 @@ class Proc:
             raise StackError(f"{self.name} exited with {code}; its log ends:\n{tail}")
 
 
-def spawn(name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = None) -> Proc:
+def _environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PROCFLOW_")}
+
+
+def spawn(
+    name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Proc:
     log = tmp / f"{name}.log"
     popen = subprocess.Popen(
         cmd,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        cwd=cwd,
+        # the caller's PROCFLOW_* settings stay out: each piece gets exactly the ones given
+        env={**_environ(), "PYTHONUNBUFFERED": "1", **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     return Proc(name, popen, log)
+
+
+def run_once(name: str, cmd: list[str], tmp: Path, env: dict[str, str], cwd: Path) -> None:
+    proc = spawn(name, cmd, tmp, env, cwd)
+    if proc.popen.wait(300) != 0:
+        raise StackError(f"{name} failed: {proc.log.read_text(errors='replace')[-2000:]}")
 
 
 async def start_server(name: str, tmp: Path, *, tuned: bool) -> tuple[Proc, str]:
@@ -294,10 +399,11 @@ class Latencies:
     final: list[float] = field(default_factory=list)  # decision that runs the order to close
 
 
-async def procflow_order(api: Api, order_no: str, kind: str, lat: Latencies) -> None:
+async def procflow_order(side: Side, order_no: str, kind: str, lat: Latencies) -> None:
+    api = side.api
     amount, variant, approvals = KINDS[kind]
     await api.call("POST", "/orders", "alice", json=order_body(order_no, amount, variant))
-    wid = sales_order_workflow_id(order_no)
+    wid = side.tree.wid(order_no)
     stage = ""
     for level in range(approvals):
         t0 = time.perf_counter()
@@ -360,16 +466,19 @@ async def run_baseline(
     return rate
 
 
-async def outbox_drained(sessions, timeout_s: float = 60) -> None:
+async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(text(sql), params)).scalar() or 0)
+
+
+async def outbox_drained(engine: AsyncEngine, timeout_s: float = 120) -> None:
     """Wait until the worker's mail dispatcher has sent every queued mail."""
     deadline = time.monotonic() + timeout_s
+    pending = 0
     while time.monotonic() < deadline:
-        async with sessions() as session:
-            pending = await session.scalar(
-                select(func.count())
-                .select_from(OutboxMessage)
-                .where(OutboxMessage.status == "pending")
-            )
+        pending = await scalar(
+            engine, "SELECT count(*) FROM notification_outbox WHERE status = 'pending'"
+        )
         if not pending:
             return
         await asyncio.sleep(0.2)
@@ -436,91 +545,165 @@ async def history_shape(client: Client, wid: str) -> HistoryShape:
     return HistoryShape(acts, segments, timers, updates)
 
 
-# ------------------------------------------------------------------------------ the run
-async def bench(sizes: Sizes, quick: bool, profile: Path | None = None) -> dict[str, Any]:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # stop cleanly
-    results: dict[str, Any] = {"mode": "quick" if quick else "full", "sizes": sizes.__dict__}
-    results["machine"] = machine()
-    say("setup", f"machine: {results['machine']}")
-    tmp = Path(tempfile.mkdtemp(prefix="procflow-bench-"))
+# ------------------------------------------------------------------------------ one side
+@dataclass
+class Side:
+    """One tree's stack, up for its phases."""
+
+    tree: Tree
+    tmp: Path
+    server: Proc
+    address: str
+    worker: Proc
+    base_worker: Proc
+    api_proc: Proc
+    base_cmd: list[str]
+    client: Client
+    engine: AsyncEngine
+    api: Api
+    procs: list[Proc]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {
+            "temporal": self.server.popen.pid,
+            "worker": self.worker.popen.pid,
+            "baseline_worker": self.base_worker.popen.pid,
+            "api": self.api_proc.popen.pid,
+            "bench_process": os.getpid(),  # the simulated users and the mail sink
+        }
+
+
+async def _api_ready(http: httpx.AsyncClient, proc: Proc, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.check()
+        try:
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise StackError(f"the API is not up after {timeout_s:.0f} s")
+        await asyncio.sleep(0.3)
+
+
+@asynccontextmanager
+async def side_stack(tree: Tree, tmp: Path) -> AsyncIterator[Side]:
+    """The stack of one tree: server, records DB (its migrations and seeds), sink, its worker
+    and API (uvicorn), the baseline worker; stopped on the way out."""
+    tmp = tmp / tree.label
+    tmp.mkdir()
     procs: list[Proc] = []
     sink: MailSink | None = None
-    ok = False  # on failure the directory stays, with every process's log
+    engine: AsyncEngine | None = None
     try:
-        # -------------------------------------------------------------- the stack
         server, address = await start_server("temporal", tmp, tuned=True)
         procs.append(server)
-        say("setup", f"tuned dev server (WAL pragmas) on {address}, data in {tmp}")
+        say("setup", f"{tree.label}: tuned dev server (WAL pragmas) on {address}, data in {tmp}")
         db_url = f"sqlite+aiosqlite:///{tmp / 'procflow.db'}"
-        await asyncio.to_thread(upgrade, db_url)
-        engine = make_engine(db_url)
-        sessions = make_session_factory(engine)
-        await seed(sessions)
         sink = MailSink(HOST, free_port(), tmp / "mail")
         sink.start()
-        queue = QUEUE
+        api_port = free_port()
         env = {
+            **tree.env(),
             "PROCFLOW_TEMPORAL_ADDRESS": address,
             "PROCFLOW_DATABASE_URL": db_url,
             "PROCFLOW_SMTP_HOST": HOST,
             "PROCFLOW_SMTP_PORT": str(sink.port),
-            "PROCFLOW_TASK_QUEUE": queue,
-            # room for every instance of phase 5 (and the orders before it): the RSS then
-            # counts all of them in memory, none evicted and replayed
-            "PROCFLOW_WORKER_MAX_CACHED_WORKFLOWS": str(cache_size(sizes)),
+            "PROCFLOW_TASK_QUEUE": QUEUE,
+            # the API's limits out of the way: the benchmark measures the process
+            "PROCFLOW_UPDATE_WAIT_S": "60",
+            "PROCFLOW_TEMPORAL_RPC_TIMEOUT_S": "30",
+            "PROCFLOW_TEMPORAL_MAX_CONCURRENCY": "256",
+            "PROCFLOW_API_RATE_LIMIT_PER_MINUTE": "1000000",
+            "PROCFLOW_API_AUTH_RATE_LIMIT_PER_MINUTE": "1000000",
+            "PROCFLOW_API_AUTH_ACCOUNT_RATE_LIMIT_PER_MINUTE": "1000000",
+            # no PROCFLOW_WORKER_MAX_CACHED_WORKFLOWS: the worker keeps the production default
         }
-        worker = spawn("worker", [sys.executable, "worker.py"], tmp, env)
+        py = sys.executable
+        run_once("migrate", [py, "-m", "scripts.migrate"], tmp, env, tree.root)
+        run_once("seed", [py, "-m", "scripts.seed"], tmp, env, tree.root)
+        engine = make_engine(db_url)
+        worker = spawn("worker", [py, "worker.py"], tmp, env, tree.root)
         procs.append(worker)
-        base_queue = "baseline-bench"
-        base_cmd = [sys.executable, "-m", "bench.baseline", "--address", address]
-        base_worker = spawn("baseline", [*base_cmd, "--task-queue", base_queue], tmp)
+        api_cmd = [py, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", HOST]
+        api_cmd += ["--port", str(api_port), "--no-proxy-headers", "--no-access-log"]
+        api_proc = spawn("api", api_cmd, tmp, env, tree.root)
+        procs.append(api_proc)
+        base_cmd = [py, "-m", "bench.baseline", "--address", address]
+        base_worker = spawn("baseline", [*base_cmd, "--task-queue", "baseline-bench"], tmp)
         procs.append(base_worker)
-        say("setup", "records DB migrated+seeded, mail sink, worker.py, baseline worker started")
         client = await Client.connect(address, data_converter=pydantic_data_converter)
-        settings = Settings(
-            temporal_address=address,
-            database_url=db_url,
-            task_queue=queue,
-            smtp_host=HOST,
-            smtp_port=sink.port,
-            update_wait_s=60,
-            temporal_rpc_timeout_s=30,
-            temporal_max_concurrency=256,
-            api_rate_limit_per_minute=1_000_000,
-            api_auth_rate_limit_per_minute=1_000_000,
-        )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://bench", timeout=120
-            ) as http:
-                api = Api(http)
-                for user in ("alice", "victor", "diana", "fiona"):
-                    await api.headers(user)
-                pids = {
-                    "temporal": server.popen.pid,
-                    "worker": worker.popen.pid,
-                    "baseline_worker": base_worker.popen.pid,
-                    "bench_process": os.getpid(),
-                }
-                await _measure(
-                    results, sizes, api, client, sessions, worker, base_queue, pids, profile
-                )
-                await _wal(results, sizes, tmp, procs, client, base_queue)
-                if sizes.scale_orders:
-                    await _scale_out(results, sizes, tmp, procs, client, base_cmd, base_queue)
+        limits = httpx.Limits(max_connections=4 * USERS, max_keepalive_connections=4 * USERS)
+        async with httpx.AsyncClient(
+            base_url=f"http://{HOST}:{api_port}", timeout=120, limits=limits
+        ) as http:
+            await _api_ready(http, api_proc)
+            api = Api(http)
+            for user in ("alice", "victor", "diana", "fiona"):
+                await api.headers(user)
+            say("setup", f"{tree.label}: records DB, sink, worker.py, API (uvicorn), baseline up")
+            yield Side(
+                tree=tree,
+                tmp=tmp,
+                server=server,
+                address=address,
+                worker=worker,
+                base_worker=base_worker,
+                api_proc=api_proc,
+                base_cmd=base_cmd,
+                client=client,
+                engine=engine,
+                api=api,
+                procs=procs,
+            )
         for p in procs:
             p.check()
-        await engine.dispose()
-        ok = True
     finally:
         for p in reversed(procs):
             p.stop()
         if sink is not None:
             sink.stop()
+        if engine is not None:
+            await engine.dispose()
+
+
+# ------------------------------------------------------------------------------ the run
+async def bench(
+    sizes: Sizes, quick: bool, trees: list[Tree], profile: Path | None = None
+) -> dict[str, Any]:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # stop cleanly
+    results: dict[str, Any] = {"mode": "quick" if quick else "full", "sizes": sizes.__dict__}
+    results["machine"] = machine()
+    results["sides"] = {}
+    say("setup", f"machine: {results['machine']}")
+    tmp = Path(tempfile.mkdtemp(prefix="procflow-bench-"))
+    ok = False  # on failure the directory stays, with every process's log
+    try:
+        for i, tree in enumerate(trees):
+            say("setup", f"side {tree.label}: {tree.root} at {tree.commit[:10]} ({tree.subject})")
+            side_results: dict[str, Any] = {"tree": tree.info()}
+            results["sides"][tree.label] = side_results
+            load = LoadMeter()
+            load.start()
+            async with side_stack(tree, tmp) as side:
+                prof = profile / tree.label if profile else None
+                await _measure(side_results, sizes, side, prof, load)
+                if i == len(trees) - 1:  # the engine-only phases, once, on the last stack
+                    shared: dict[str, Any] = {"on_side": tree.label}
+                    shapes = side_results["_shapes"]
+                    await _wal(shared, sizes, side, shapes, load)
+                    if sizes.scale_orders:
+                        await _scale_out(shared, sizes, side, shapes, load)
+                    results["engine_only"] = shared
+            side_results["load"] = load.stop()
+            side_results.pop("_shapes", None)
+            say("setup", f"side {tree.label} done; load {side_results['load']}")
+        ok = True
+    finally:
         if not ok:
             say("error", f"the logs of every process are in {tmp}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -528,26 +711,19 @@ async def bench(sizes: Sizes, quick: bool, profile: Path | None = None) -> dict[
 
 
 async def _measure(
-    results: dict[str, Any],
-    sizes: Sizes,
-    api: Api,
-    client: Client,
-    sessions,
-    worker: Proc,
-    base_queue: str,
-    pids: dict[str, int],
-    profile: Path | None,
+    results: dict[str, Any], sizes: Sizes, side: Side, profile: Path | None, load: LoadMeter
 ) -> None:
     run = uuid.uuid4().hex[:6]
+    api, client, tree = side.api, side.client, side.tree
+    pids = side.pids
+    load.track(pids)
+    base_queue = "baseline-bench"
     # ------------------------------------------------------------------ 1. end to end
     say("e2e", "warm-up: one order of each kind through the API")
     lat = Latencies()
     for kind in KINDS:
-        await procflow_order(api, f"W{run}-{kind}", kind, lat)
-    shapes = {
-        kind: await history_shape(client, sales_order_workflow_id(f"W{run}-{kind}"))
-        for kind in KINDS
-    }
+        await procflow_order(side, f"W{run}-{kind}", kind, lat)
+    shapes = {kind: await history_shape(client, tree.wid(f"W{run}-{kind}")) for kind in KINDS}
     results["procflow_history"] = {
         k: {
             "activities": dict(s.activities),
@@ -562,20 +738,21 @@ async def _measure(
         say("e2e", f"{k}: {sum(s.activities.values())} activities {dict(s.activities)}")
         say("e2e", f"{k}: segments {_compact(s.segments)}, {s.timers} timers, {dict(s.updates)}")
     base_shapes = {k: Shape(segments=s.segments) for k, s in shapes.items()}
+    results["_shapes"] = base_shapes
     await run_baseline(client, base_queue, base_shapes, 3, "baseline")  # warm-up
 
     lat = Latencies()
     mix = list(enumerate(order_mix(sizes.orders)))
-    say("e2e", f"{sizes.orders} orders through the API by {USERS} concurrent users")
-    meter = CpuMeter({k: pids[k] for k in ("temporal", "worker", "bench_process")})
+    say("e2e", f"{sizes.orders} orders through the API (HTTP) by {USERS} concurrent users")
+    meter = CpuMeter({k: pids[k] for k in ("temporal", "worker", "api", "bench_process")})
     profiler = Profiler(profile) if profile else None
     if profiler:
         profiler.start("worker", pids["worker"])
-        profiler.start("api_and_users", pids["bench_process"])
+        profiler.start("api", pids["api"])
     meter.start()
     t0 = time.perf_counter()
     await gather_limited(
-        mix, lambda x: procflow_order(api, f"E{run}-{x[0]}", x[1], lat), USERS, "e2e"
+        mix, lambda x: procflow_order(side, f"E{run}-{x[0]}", x[1], lat), USERS, "e2e"
     )
     e2e = sizes.orders / (time.perf_counter() - t0)
     cpu_e2e = meter.stop()
@@ -611,26 +788,24 @@ async def _measure(
         USERS,
         "decision",
     )
-    await outbox_drained(sessions)  # their mails are out: the decisions meet a quiet system
-    victor = Actor(username="victor", roles=["vice-president"])
+    await outbox_drained(side.engine)  # their mails are out: the decisions meet a quiet system
+    victor = {"username": "victor", "roles": ["vice-president"]}
 
     async def decide(item: tuple[int, str]) -> float:
         i, no = item
-        wid = sales_order_workflow_id(no)
+        wid = tree.wid(no)
         t0 = time.perf_counter()
         if i % 2 == 0:  # through the API
             res = await api.call(
                 "POST", f"/tasks/{wid}.t1/decision", "victor", json={"outcome": "approved"}
             )
-            stage = res["stage"]
         else:  # the same update straight to the workflow: the API's share is the difference
-            handle = client.get_workflow_handle_for(SalesOrderWorkflow.run, wid)
-            res = await handle.execute_update(
-                SalesOrderWorkflow.decide,
-                DecideInput(task_id=f"{wid}.t1", outcome="approved", actor=victor),
+            res = await client.get_workflow_handle(wid).execute_update(
+                "decide",
+                {"task_id": f"{wid}.t1", "outcome": "approved", "actor": victor},
+                result_type=dict,
             )
-            stage = res.stage
-        assert stage == "approval", stage  # the sales director's level is open
+        assert res["stage"] == "approval", res["stage"]  # the sales director's level is open
         return (time.perf_counter() - t0) * 1000
 
     say("decision", f"{n} decisions through the API and {n} direct, {USERS} concurrent")
@@ -670,122 +845,225 @@ async def _measure(
         f"the decide update without the API p50 {results['decision_direct_p50_ms']:.0f} ms",
     )
 
-    # ------------------------------------------------------------------ 5. worker memory
+    await _memory(results, sizes, side, run)
+    await _inbox(results, sizes, side, run)
+
+
+class Stalled(Exception):
+    """Phase 5 made no progress for STALL_S seconds."""
+
+
+async def _memory(results: dict[str, Any], sizes: Sizes, side: Side, run: str) -> None:
+    """5. Worker RSS with M instances waiting on their approval, the cache at its default."""
+    worker, client, tree = side.worker, side.client, side.tree
     worker.check()
     rss_before = rss_mb(worker.popen.pid)
     m = sizes.waiting
-    say("memory", f"worker RSS {rss_before:.0f} MB; starting {m} orders of 600,000 (client)")
+    say(
+        "memory",
+        f"worker RSS {rss_before:.0f} MB (cache: {tree.cache_default} instances, the "
+        f"default); starting {m} orders of 600,000 with the client, {STARTERS} at once",
+    )
     prefix = f"M{run}-"
 
-    async def start(i: int) -> None:
-        inp = SalesOrderInput.model_validate(
-            {**order_body(f"{prefix}{i}", 600_000), "requester": "bob"}
-        )
-        await client.start_workflow(
-            SalesOrderWorkflow.run,
-            inp,
-            id=sales_order_workflow_id(inp.order_no),
-            task_queue=QUEUE,
-        )
-
     async def waiting_now() -> int:
-        async with sessions() as s:
-            return await s.scalar(
-                select(func.count())
-                .select_from(TaskRow)
-                .where(TaskRow.status == "open", TaskRow.business_key.startswith(prefix))
-            )
+        return await scalar(
+            side.engine,
+            "SELECT count(*) FROM tasks WHERE status = 'open' AND business_key LIKE :p",
+            p=f"{prefix}%",
+        )
 
-    # Paced in waves: started all at once (about 50/s here), a single worker on 2 cores falls
-    # behind, its workflow tasks pass the 10 s timeout and are retried, and progress stalls.
-    t0 = time.perf_counter()
     waiting = 0
-    for wave in range(0, m, WAVE):
-        await asyncio.gather(*(start(i) for i in range(wave, min(m, wave + WAVE))))
-        started = min(m, wave + WAVE)
-        while (waiting := await waiting_now()) < started:
-            if time.perf_counter() - t0 > 900:
-                raise RuntimeError(f"only {waiting} of {started} reached their approval")
+    progress = time.monotonic()  # when `waiting` last grew
+    peak = rss_before
+    stop = asyncio.Event()
+
+    async def watch() -> None:  # the read model's count of waiting instances, and peak RSS
+        nonlocal waiting, peak, progress
+        while not stop.is_set():
+            now = await waiting_now()
+            if now > waiting:
+                waiting, progress = now, time.monotonic()
+            peak = max(peak, rss_mb(worker.popen.pid))
             await asyncio.sleep(0.5)
-        say("memory", f"{waiting}/{m} instances waiting on approval")
+
+    def stalled() -> None:
+        worker.check()
+        if time.monotonic() - progress > STALL_S:
+            raise Stalled(f"{waiting} of {m} waiting, none more for {STALL_S} s")
+
+    async def start(i: int) -> None:
+        # Bounded: at most WINDOW started instances not yet waiting. With 300 at once the
+        # kernel's local `project` activities queue for SQLite's writer past their timeout,
+        # are retried, exhaust the connection pool, and no instance gets through.
+        while i - waiting >= WINDOW:
+            stalled()
+            await asyncio.sleep(0.1)
+        body = {**order_body(f"{prefix}{i}", 600_000), "requester": "bob"}
+        await client.start_workflow(
+            tree.workflow, body, id=tree.wid(f"{prefix}{i}"), task_queue=QUEUE
+        )
+
+    watcher = asyncio.create_task(watch())
+    t0 = time.perf_counter()
+    started_s = float("nan")
+    try:
+        await gather_limited(range(m), start, STARTERS, "memory")
+        started_s = time.perf_counter() - t0
+        say("memory", f"{m} started in {started_s:.0f} s; {waiting} waiting so far")
+        while waiting < m:
+            stalled()
+            await asyncio.sleep(0.5)
+    except Stalled as err:  # recorded, and the run goes on with the other phases
+        results["waiting_stalled"] = str(err)
+        say("memory", f"STALLED: {err}; the worker's log says why")
+    finally:
+        stop.set()
+        await watcher
+    all_waiting_s = time.perf_counter() - t0
     await asyncio.sleep(2)
     rss_after = rss_mb(worker.popen.pid)
     results.update(
         worker_rss_idle_mb=rss_before,
         worker_rss_mb=rss_after,
-        worker_rss_kb_per_instance=(rss_after - rss_before) * 1024 / m,
+        worker_rss_peak_mb=max(peak, rss_after),
+        worker_rss_kb_per_instance=(rss_after - rss_before) * 1024 / max(1, waiting),
         waiting_instances=waiting,
-        waiting_start_per_s=m / (time.perf_counter() - t0),
-        worker_max_cached_workflows=cache_size(sizes),
-    )
-    say("memory", f"worker RSS {rss_after:.0f} MB with {waiting} waiting")
-
-    # ------------------------------------------------------------------ 3. inbox latency
-    k = sizes.inbox_tasks
-    say("inbox", f"inserting {k} open vice-president tasks into the read model")
-    now = datetime.now(UTC)
-    rows = [
-        {
-            "task_id": f"bench-{run}-{i}.t1",
-            "workflow_id": f"bench-{run}-{i}",
-            "process_type": "sales_order",
-            "business_key": f"X{run}-{i}",
-            "name": "vice-president approval",
-            "kind": "approval",
-            "candidate_roles": ["vice-president"],
-            "assignee": None,
-            "requester": "bob",
-            "outcomes": ["approved", "rejected"],
-            "status": "open",
-            "escalated": False,
-            "created_at": now - timedelta(seconds=i),
-            "revision": 1,
-        }
-        for i in range(k)
-    ]
-    async with sessions.begin() as s:
-        await s.execute(insert(TaskRow), rows)
-        await s.execute(
-            insert(TaskCandidate),
-            [{"task_id": r["task_id"], "role": "vice-president"} for r in rows],
-        )
-    page = await api.call("GET", "/tasks", "victor", params={"limit": 50})
-    say("inbox", f"victor's inbox holds {page['total']} open tasks; {sizes.inbox_requests} GETs")
-
-    async def inbox(_: int) -> float:
-        t0 = time.perf_counter()
-        await api.call("GET", "/tasks", "victor", params={"limit": 50})
-        return (time.perf_counter() - t0) * 1000
-
-    lat_inbox = await gather_limited(range(sizes.inbox_requests), inbox, 1, "inbox")
-    results.update(
-        inbox_p50_ms=pct(lat_inbox, 50),
-        inbox_p95_ms=pct(lat_inbox, 95),
-        inbox_open_tasks=page["total"],
+        waiting_started_s=started_s,
+        waiting_all_s=all_waiting_s,
+        waiting_start_per_s=waiting / all_waiting_s,
+        worker_max_cached_workflows=tree.cache_default,
+        # the cache holds the most recently used instances, up to its bound
+        worker_cached_instances=min(tree.cache_default, waiting),
     )
     say(
-        "inbox",
-        f"GET /tasks p50 {results['inbox_p50_ms']:.1f} ms, p95 {results['inbox_p95_ms']:.1f}",
+        "memory",
+        f"worker RSS {rss_after:.0f} MB (peak {results['worker_rss_peak_mb']:.0f}) with "
+        f"{waiting} waiting, at most {results['worker_cached_instances']} of them cached; all "
+        f"waiting after {all_waiting_s:.0f} s ({results['waiting_start_per_s']:.1f}/s)",
     )
-    results["_shapes"] = base_shapes
+
+
+async def _bulk_tasks(engine: AsyncEngine, run: str, k: int) -> float:
+    """K open vice-president tasks straight into the read model (executemany in chunks)."""
+    async with engine.connect() as conn:
+        md = MetaData()
+        tasks, candidates = await conn.run_sync(
+            lambda c: (
+                Table("tasks", md, autoload_with=c),
+                Table("task_candidates", md, autoload_with=c),
+            )
+        )
+    now = datetime.now(UTC)
+    t0 = time.perf_counter()
+    for lo in range(0, k, INSERT_CHUNK):
+        rows = [
+            {
+                "task_id": f"bench-{run}-{i}.t1",
+                "workflow_id": f"bench-{run}-{i}",
+                "process_type": "sales_order",
+                "business_key": f"X{run}-{i}",
+                "name": "vice-president approval",
+                "kind": "approval",
+                "candidate_roles": ["vice-president"],
+                "assignee": None,
+                "requester": "bob",
+                "outcomes": ["approved", "rejected"],
+                "status": "open",
+                "escalated": False,
+                "created_at": now - timedelta(seconds=i),
+                "revision": 1,
+            }
+            for i in range(lo, min(k, lo + INSERT_CHUNK))
+        ]
+        rows = [{c: v for c, v in r.items() if c in tasks.c} for r in rows]
+        for attempt in range(6):  # the worker's writers may hold SQLite's lock past its timeout
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(insert(tasks), rows)
+                    await conn.execute(
+                        insert(candidates),
+                        [{"task_id": r["task_id"], "role": "vice-president"} for r in rows],
+                    )
+                break
+            except OperationalError as err:
+                if "locked" not in str(err) or attempt == 5:
+                    raise
+                say("inbox", f"chunk at {lo}: database locked, again in {2**attempt} s")
+                await asyncio.sleep(2**attempt)
+    # no ANALYZE: procflow never runs it, so its SQLite plans are made without statistics
+    return time.perf_counter() - t0
+
+
+async def _inbox(results: dict[str, Any], sizes: Sizes, side: Side, run: str) -> None:
+    """3. GET /tasks with K synthetic open tasks plus the waiting ones of phase 5."""
+    api, k = side.api, sizes.inbox_tasks
+    await outbox_drained(side.engine, 120)  # phase 5's mails out, as far as they go
+    say("inbox", f"inserting {k} open vice-president tasks into the read model")
+    insert_s = await _bulk_tasks(side.engine, run, k)
+    page = await api.call("GET", "/tasks", "victor", params={"limit": 50})
+    total = page["total"]
+    say("inbox", f"inserted in {insert_s:.1f} s; victor's inbox holds {total} open tasks")
+    results.update(inbox_insert_s=insert_s, inbox_open_tasks=total)
+
+    async def measure(key: str, label: str, user: str, params: dict[str, Any]) -> None:
+        async def one(_: int) -> float:
+            t0 = time.perf_counter()
+            await api.call("GET", "/tasks", user, params=params)
+            return (time.perf_counter() - t0) * 1000
+
+        await one(0)  # warm-up
+        lat = await gather_limited(range(sizes.inbox_requests), one, 1, "inbox")
+        results[f"{key}_p50_ms"], results[f"{key}_p95_ms"] = pct(lat, 50), pct(lat, 95)
+        say("inbox", f"{label}: p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms")
+
+    # the first page as every client asks for it, with its exact total
+    await measure("inbox", "GET /tasks?limit=50 (with total)", "victor", {"limit": 50})
+    # the same page without the count, where the tree knows `count=false`
+    no_count = await api.call("GET", "/tasks", "victor", params={"limit": 1, "count": "false"})
+    results["inbox_count_optional"] = no_count["total"] is None
+    if results["inbox_count_optional"]:
+        await measure(
+            "inbox_nocount", "first page, count=false", "victor", {"limit": 50, "count": "false"}
+        )
+    # a page deep in the list: by offset, and by keyset where the tree has `after`
+    mid = total // 2
+    await measure("inbox_offset", f"offset={mid}", "victor", {"limit": 50, "offset": mid})
+    before_mid = await api.call("GET", "/tasks", "victor", params={"limit": 1, "offset": mid - 1})
+    cursor = before_mid["items"][0]["task_id"]
+    probe = await api.call("GET", "/tasks", "victor", params={"limit": 1, "after": cursor})
+    offset_page = await api.call("GET", "/tasks", "victor", params={"limit": 1, "offset": mid})
+    results["inbox_keyset"] = probe["items"] == offset_page["items"] and mid > 1
+    if results["inbox_keyset"]:
+        await measure(
+            "inbox_keyset",
+            f"after=<the {mid}th task> (keyset)",
+            "victor",
+            {"limit": 50, "after": cursor, "count": "false"},
+        )
+    # a role with few tasks among many: diana's sales-director tasks of phase 2
+    diana = await api.call("GET", "/tasks", "diana", params={"limit": 50})
+    results["inbox_minority_open_tasks"] = diana["total"]
+    await measure(
+        "inbox_minority", f"diana, {diana['total']} of her role's", "diana", {"limit": 50}
+    )
 
 
 async def _wal(
-    results: dict[str, Any], sizes: Sizes, tmp: Path, procs: list[Proc], client: Client, queue: str
+    results: dict[str, Any], sizes: Sizes, side: Side, shapes: dict[str, Shape], load: LoadMeter
 ) -> None:
     """4. The baseline workload on a second dev server without the pragmas, next to the tuned."""
-    shapes = results["_shapes"]
-    server, address = await start_server("temporal-default", tmp, tuned=False)
-    procs.append(server)
+    server, address = await start_server("temporal-default", side.tmp, tuned=False)
+    side.procs.append(server)
     plain_queue = "baseline-plain"
-    procs.append(
-        spawn(
-            "baseline-plain",
-            [sys.executable, "-m", "bench.baseline", "--address", address, "--task-queue",
-             plain_queue],
-            tmp,
-        )
+    plain_worker = spawn(
+        "baseline-plain",
+        [sys.executable, "-m", "bench.baseline", "--address", address, "--task-queue",
+         plain_queue],
+        side.tmp,
     )  # fmt: skip
+    side.procs.append(plain_worker)
+    load.track({"temporal_default": server.popen.pid, "baseline_plain": plain_worker.popen.pid})
     plain = await Client.connect(address, data_converter=pydantic_data_converter)
     say("wal", f"second dev server (SQLite defaults) on {address}")
     await run_baseline(plain, plain_queue, shapes, 3, "wal")  # warm-up
@@ -793,37 +1071,30 @@ async def _wal(
     rates: dict[str, list[float]] = {"tuned": [], "default": []}
     for _ in range(2):  # alternate, so drift on a noisy machine hits both
         rates["default"].append(await run_baseline(plain, plain_queue, shapes, n, "wal default"))
-        rates["tuned"].append(await run_baseline(client, queue, shapes, n, "wal tuned"))
+        rates["tuned"].append(
+            await run_baseline(side.client, "baseline-bench", shapes, n, "wal tuned")
+        )
     tuned, default = max(rates["tuned"]), max(rates["default"])
     results.update(
         wal_tuned_orders_per_s=tuned,
         wal_default_orders_per_s=default,
         wal_speedup=tuned / default,
     )
-    for p in (procs.pop(), procs.pop()):  # the plain server and its worker
+    for p in (side.procs.pop(), side.procs.pop()):  # the plain server and its worker
         p.stop()
 
 
 async def _scale_out(
-    results: dict[str, Any],
-    sizes: Sizes,
-    tmp: Path,
-    procs: list[Proc],
-    client: Client,
-    base_cmd: list[str],
-    queue: str,
+    results: dict[str, Any], sizes: Sizes, side: Side, shapes: dict[str, Shape], load: LoadMeter
 ) -> None:
     """6. The baseline workload with one worker process, then two, on the same server."""
-    shapes = results.get("_shapes")
-    if shapes is None:
-        hist = results["procflow_history"]
-        shapes = {k: Shape(segments=v["segments"]) for k, v in hist.items()}
-    n = sizes.scale_orders
-    one = await run_baseline(client, queue, shapes, n, "scale 1")
-    second = spawn("baseline-2", [*base_cmd, "--task-queue", queue], tmp)
-    procs.append(second)
+    n, queue = sizes.scale_orders, "baseline-bench"
+    one = await run_baseline(side.client, queue, shapes, n, "scale 1")
+    second = spawn("baseline-2", [*side.base_cmd, "--task-queue", queue], side.tmp)
+    side.procs.append(second)
+    load.track({"baseline_2": second.popen.pid})
     await asyncio.sleep(2)
-    two = await run_baseline(client, queue, shapes, n, "scale 2")
+    two = await run_baseline(side.client, queue, shapes, n, "scale 2")
     results.update(
         scale_one_worker_orders_per_s=one,
         scale_two_workers_orders_per_s=two,
@@ -832,45 +1103,81 @@ async def _scale_out(
 
 
 # ------------------------------------------------------------------------------ report
-ROWS = [
-    ("1 end to end (procflow, API)", "e2e_orders_per_s", "orders/s"),
-    ("1 baseline (raw SDK, same shape)", "baseline_orders_per_s", "orders/s"),
-    ("1 ratio procflow / baseline", "e2e_ratio", "x"),
-    ("2 decision p50 (POST -> response)", "decision_p50_ms", "ms"),
-    ("2 decision p99", "decision_p99_ms", "ms"),
-    ("2 raw execute_update p50", "raw_update_p50_ms", "ms"),
-    ("2 raw execute_update p99", "raw_update_p99_ms", "ms"),
-    ("2 ratio decision / raw update p50", "decision_p50_ratio", "x"),
-    ("2 decide update without the API p50", "decision_direct_p50_ms", "ms"),
-    ("1 mid-chain decision p50, procflow", "e2e_mid_decision_p50_ms", "ms"),
-    ("1 mid-chain decision p50, baseline", "baseline_mid_decision_p50_ms", "ms"),
-    ("1 final decision p50 (runs to close)", "e2e_final_decision_p50_ms", "ms"),
-    ("3 inbox GET /tasks p50", "inbox_p50_ms", "ms"),
-    ("3 inbox GET /tasks p95", "inbox_p95_ms", "ms"),
-    ("3 open tasks in the inbox", "inbox_open_tasks", ""),
+# label, key, unit, target (with "<=" or ">=")
+ROWS: list[tuple[str, str, str, str]] = [
+    ("1 end to end (procflow, HTTP API)", "e2e_orders_per_s", "orders/s", ""),
+    ("1 baseline (raw SDK, same shape)", "baseline_orders_per_s", "orders/s", ""),
+    ("1 ratio procflow / baseline", "e2e_ratio", "x", ">= 0.8"),
+    ("2 decision p50 (POST -> response)", "decision_p50_ms", "ms", ""),
+    ("2 decision p99", "decision_p99_ms", "ms", ""),
+    ("2 raw execute_update p50", "raw_update_p50_ms", "ms", ""),
+    ("2 raw execute_update p99", "raw_update_p99_ms", "ms", ""),
+    ("2 ratio decision / raw update p50", "decision_p50_ratio", "x", "<= 2"),
+    ("2 decide update without the API p50", "decision_direct_p50_ms", "ms", ""),
+    ("1 mid-chain decision p50, procflow", "e2e_mid_decision_p50_ms", "ms", ""),
+    ("1 mid-chain decision p50, baseline", "baseline_mid_decision_p50_ms", "ms", ""),
+    ("1 final decision p50 (runs to close)", "e2e_final_decision_p50_ms", "ms", ""),
+    ("3 open tasks in victor's inbox", "inbox_open_tasks", "", ""),
+    ("3 inbox first page p50 (with total)", "inbox_p50_ms", "ms", ""),
+    ("3 inbox first page p95 (with total)", "inbox_p95_ms", "ms", "<= 50"),
+    ("3 inbox first page p95, count=false", "inbox_nocount_p95_ms", "ms", "<= 50"),
+    ("3 inbox page at offset K/2 p95", "inbox_offset_p95_ms", "ms", ""),
+    ("3 inbox same page by keyset p95", "inbox_keyset_p95_ms", "ms", ""),
+    ("3 inbox, a role with few tasks p95", "inbox_minority_p95_ms", "ms", ""),
+    ("5 waiting instances", "waiting_instances", "", ""),
+    ("5 worker cache bound (default)", "worker_max_cached_workflows", "", ""),
+    ("5 started with the client in", "waiting_started_s", "s", ""),
+    ("5 all waiting on approval after", "waiting_all_s", "s", ""),
+    ("5 worker RSS idle (after phases 1-2)", "worker_rss_idle_mb", "MB", ""),
+    ("5 worker RSS with them waiting", "worker_rss_mb", "MB", "<= 400"),
+    ("5 worker RSS peak during the starts", "worker_rss_peak_mb", "MB", ""),
+]
+ENGINE_ROWS = [
     ("4 baseline on WAL pragmas", "wal_tuned_orders_per_s", "orders/s"),
     ("4 baseline on SQLite defaults", "wal_default_orders_per_s", "orders/s"),
     ("4 wal_speedup", "wal_speedup", "x"),
-    ("5 waiting instances", "waiting_instances", ""),
-    ("5 worker RSS idle (after warm-up)", "worker_rss_idle_mb", "MB"),
-    ("5 worker RSS with them waiting", "worker_rss_mb", "MB"),
-    ("5 RSS per waiting instance", "worker_rss_kb_per_instance", "KB"),
     ("6 baseline, 1 worker process", "scale_one_worker_orders_per_s", "orders/s"),
     ("6 baseline, 2 worker processes", "scale_two_workers_orders_per_s", "orders/s"),
     ("6 ratio 2 / 1 workers", "scale_out_ratio", "x"),
 ]
 
 
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int) or abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.2f}"
+
+
 def table(results: dict[str, Any]) -> str:
-    lines = [f"{'figure':<40} {'value':>10}  unit", "-" * 58]
-    for label, key, unit in ROWS:
-        if key not in results:
+    sides = results["sides"]
+    labels = list(sides)
+    head = f"{'figure':<40} " + " ".join(f"{lb:>12}" for lb in labels) + "  unit      target"
+    lines = [head, "-" * len(head)]
+    for label, key, unit, target in ROWS:
+        values = [sides[lb].get(key) for lb in labels]
+        if all(v is None for v in values):
             continue
-        v = results[key]
-        text = f"{v:.0f}" if isinstance(v, int) or abs(v) >= 100 else f"{v:.2f}"
-        lines.append(f"{label:<40} {text:>10}  {unit}")
+        cells = " ".join(f"{_fmt(v):>12}" for v in values)
+        lines.append(f"{label:<40} {cells}  {unit:<9} {target}")
+    lines.append("-" * len(head))
+    for lb in labels:
+        t, load = sides[lb]["tree"], sides[lb].get("load", {})
+        lines.append(
+            f"{lb}: {t['commit'][:10]}{' (dirty)' if t['dirty'] else ''} {t['subject'][:60]}; "
+            f"loadavg {load.get('loadavg_mean', '-')} (max {load.get('loadavg_max', '-')}), "
+            f"other processes {load.get('others_cores', '-')} cores"
+        )
+    engine = results.get("engine_only")
+    if engine:
+        lines.append(f"engine only (baseline workers, on the {engine['on_side']} side's stack):")
+        for label, key, unit in ENGINE_ROWS:
+            if key in engine:
+                lines.append(f"{label:<40} {_fmt(engine[key]):>12}  {unit}")
     m = results["machine"]
-    lines.append("-" * 58)
     lines.append(
         f"{m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}; Python {m['python']}, "
         f"temporalio {m['temporalio']}; {m['server']}"
@@ -878,30 +1185,28 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def measured_commit() -> dict[str, Any]:
-    """The commit this run measures, and whether the work tree differed from it."""
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=30
-        )
-        return out.stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD") or "unknown",
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes, < 5 minutes")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, about 2 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        metavar="LABEL=PATH",
+        help=f"a tree to measure (repeatable; default ${TREES_ENV}, else this checkout)",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
-        help="py-spy the worker and the API during phase 1; raw samples into DIR",
+        help="py-spy the worker and the API during phase 1; raw samples into DIR/<label>",
+    )
+    parser.add_argument(
+        "--waiting", type=int, metavar="M", help="phase 5's waiting instances instead of the size's"
     )
     parser.add_argument(
         "--keep",
@@ -909,12 +1214,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also write bench/results/<date>-<commit>-<mode>.json, which is committed",
     )
     args = parser.parse_args(argv)
+    specs = args.tree or os.environ.get(TREES_ENV, "").split() or [f"current={ROOT}"]
+    trees = [load_tree(label, path) for label, path in parse_trees(specs)]
     sizes = QUICK if args.quick else FULL
+    if args.waiting is not None:
+        sizes = replace(sizes, waiting=args.waiting)
     t0 = time.perf_counter()
-    commit = measured_commit()
-    results = asyncio.run(bench(sizes, args.quick, args.profile))
-    results["measured"] = commit
-    results.pop("_shapes", None)
+    results = asyncio.run(bench(sizes, args.quick, trees, args.profile))
+    last = trees[-1]
+    results["measured"] = {"commit": last.commit, "dirty": last.dirty, "side": last.label}
     results["duration_s"] = round(time.perf_counter() - t0, 1)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -923,10 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print(f"\n{results['mode']} run in {results['duration_s']} s; written to {args.out}")
     if args.keep:  # a run to quote: kept (committed) beside the others, named by its commit
-        kept = (
-            RESULTS
-            / f"{results['finished_at'][:10]}-{commit['commit'][:10]}-{results['mode']}.json"
-        )
+        name = f"{results['finished_at'][:10]}-{last.commit[:10]}-{results['mode']}"
+        if args.waiting is not None:
+            name += f"-waiting{args.waiting}"
+        if len(trees) > 1:
+            name += "-vs-" + "-".join(t.commit[:7] for t in trees[:-1])
+        kept = RESULTS / f"{name}.json"
         kept.write_text(args.out.read_text())
         print(f"kept as {kept.relative_to(ROOT)}: commit it with the README that quotes it")
     return 0

@@ -8,11 +8,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import and_, bindparam, exists, func, or_, select, tuple_, union_all
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep
-from api.errors import application_error_of, field_error, not_found_as, responses
+from api.errors import (
+    application_error_of,
+    field_error,
+    not_found_as,
+    param_error,
+    responses,
+)
 from api.schemas import (
     MAX_OFFSET,
     CommentBody,
@@ -40,10 +46,42 @@ ACKNOWLEDGED = "acknowledged"  # the only outcome of an acknowledgement task
 ALL_ERRORS = responses(401, 403, 404, 409, 422, 503)
 
 
+# Below this many candidate rows (task_candidates of the caller's roles plus open tasks assigned
+# to them) the page is found from those rows; above it, by walking the open tasks oldest first
+# (ix_tasks_inbox_order), which stops after one page when most of them are the caller's.
+ROLE_DRIVEN_BELOW = 2_000
+
+
 def _has_role(user: Principal):
     return exists().where(
         TaskCandidate.task_id == TaskRow.task_id, TaskCandidate.role.in_(user.roles)
     )
+
+
+def _candidate_ids(user: Principal):
+    """Ids of the tasks offered to one of the caller's roles or assigned to them (UNION ALL:
+    read in index order, without sorting or deduplicating)."""
+    return union_all(
+        select(TaskCandidate.task_id).where(TaskCandidate.role.in_(user.roles)),
+        select(TaskRow.task_id).where(TaskRow.status == "open", TaskRow.assignee == user.username),
+    )
+
+
+async def _few_candidates(session, user: Principal) -> bool:
+    """Whether the caller's candidate rows are fewer than ROLE_DRIVEN_BELOW (reads at most
+    that many index entries)."""
+    ids = _candidate_ids(user).subquery()
+    beyond = select(ids.c.task_id).limit(1).offset(ROLE_DRIVEN_BELOW)
+    return (await session.scalar(beyond)) is None
+
+
+async def _after(session, task_id: str, user: Principal) -> tuple[datetime, str]:
+    """The inbox position of the task a keyset page starts after; 422 naming `after` when the
+    caller cannot see such a task (as GET /tasks/{id} would answer 404)."""
+    row = await session.get(TaskRow, task_id)
+    if row is None or (user.requester_only and user.username not in (row.requester, row.assignee)):
+        raise param_error("query", "after", f"no task {task_id} to page after")
+    return row.created_at, row.task_id
 
 
 def _out(row: TaskRow, user: Principal) -> TaskOut:
@@ -52,7 +90,7 @@ def _out(row: TaskRow, user: Principal) -> TaskOut:
     return out
 
 
-@router.get("", response_model=TaskPage, responses=responses(401))
+@router.get("", response_model=TaskPage, responses=responses(401, 422))
 async def inbox(
     user: CurrentUser,
     session: SessionDep,
@@ -66,29 +104,61 @@ async def inbox(
     ] = False,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    after: Annotated[
+        QueryText | None,
+        Query(
+            max_length=200,
+            description="keyset paging: the task_id of the previous page's last item; the page "
+            "starts after it, as fast deep in the inbox as on its first page (offset must be 0)",
+        ),
+    ] = None,
+    count: Annotated[
+        bool,
+        Query(
+            description="count every matching task into `total`; false: `total` is null and a "
+            "long inbox answers without counting it"
+        ),
+    ] = True,
 ) -> TaskPage:
     """Open tasks assigned to the caller or offered to one of their roles, never their own."""
+    if after is not None and offset:
+        raise param_error("query", "offset", "page by offset or by after, not both")
     mine = TaskRow.assignee == user.username
-    pooled = and_(TaskRow.assignee.is_(None), _has_role(user))
-    scope = [mine, pooled]
+    if await _few_candidates(session, user):
+        # Found from the caller's candidate rows, then sorted: `status || ''` keeps the planner
+        # off the status indexes (SQLite has no statistics to tell that the list is short).
+        role = TaskRow.task_id.in_(
+            select(TaskCandidate.task_id).where(TaskCandidate.role.in_(user.roles))
+        )
+        where = [TaskRow.task_id.in_(_candidate_ids(user)), TaskRow.status.concat("") == "open"]
+    else:  # the open tasks walked oldest first (ix_tasks_inbox_order), each checked
+        role, where = _has_role(user), [TaskRow.status == "open"]
+    scope = [mine, and_(TaskRow.assignee.is_(None), role)]
     if include_taken:
-        scope.append(and_(TaskRow.assignee.is_not(None), _has_role(user)))
-    query = select(TaskRow).where(
-        TaskRow.status == "open", TaskRow.requester != user.username, or_(*scope)
-    )
+        scope.append(and_(TaskRow.assignee.is_not(None), role))
+    query = select(TaskRow).where(*where, TaskRow.requester != user.username, or_(*scope))
     if kind is not None:
         query = query.where(TaskRow.kind == kind)
     if business_key is not None:
         query = query.where(TaskRow.business_key == business_key)
     if name is not None:
         query = query.where(TaskRow.name.contains(name, autoescape=True))
-    total = await session.scalar(select(func.count()).select_from(query.subquery()))
+    total = None
+    if count:
+        total = await session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = query
+    if after is not None:
+        created_at, task_id = await _after(session, after, user)
+        at = bindparam("after_created_at", created_at, type_=TaskRow.__table__.c.created_at.type)
+        page = page.where(
+            TaskRow.created_at >= at,  # a plain range on the index; the row value decides ties
+            tuple_(TaskRow.created_at, TaskRow.task_id)
+            > tuple_(at, bindparam("after_id", task_id)),
+        )
     rows = await session.scalars(
-        query.order_by(TaskRow.created_at, TaskRow.task_id).limit(limit).offset(offset)
+        page.order_by(TaskRow.created_at, TaskRow.task_id).limit(limit).offset(offset)
     )
-    return TaskPage(
-        items=[_out(r, user) for r in rows], total=total or 0, limit=limit, offset=offset
-    )
+    return TaskPage(items=[_out(r, user) for r in rows], total=total, limit=limit, offset=offset)
 
 
 async def _task(session, task_id: str, user: Principal) -> TaskRow:
