@@ -5,7 +5,6 @@ to the 0003 schema again with its data."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
@@ -29,8 +27,7 @@ from core.db import (
     make_engine,
     make_session_factory,
 )
-from scripts.migrate import alembic_config, ensure_sqlite_dir
-from tests.support import PostgresServer
+from tests.db.conftest import database_at, run_alembic
 
 CREATED = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 UPDATED = CREATED + timedelta(hours=3)
@@ -77,26 +74,11 @@ ORDERS = [
 ]
 
 
-async def _alembic(url: str, action: str, revision: str) -> None:
-    await asyncio.to_thread(getattr(command, action), alembic_config(url), revision)
-
-
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
 async def url_at_0003(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh database at revision 0003, the schema before the instance read model."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        ensure_sqlite_dir(url)
-        await _alembic(url, "upgrade", "0003")
+    async with database_at(request, tmp_path, "0003") as url:
         yield url
-        return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    url = await server.create_database()
-    try:
-        await _alembic(url, "upgrade", "0003")
-        yield url
-    finally:
-        await server.drop_database(url)
 
 
 async def _insert_old_rows(url: str) -> None:
@@ -177,7 +159,7 @@ async def test_upgrade_gives_every_order_an_instance_a_visit_and_its_ledger_work
 ):
     await _insert_old_rows(url_at_0003)
 
-    await _alembic(url_at_0003, "upgrade", "head")
+    await run_alembic(url_at_0003, "upgrade", "head")
 
     engine = make_engine(url_at_0003)
     sessions = make_session_factory(engine)
@@ -240,7 +222,7 @@ async def test_upgrade_gives_every_order_an_instance_a_visit_and_its_ledger_work
 
 
 async def test_upgraded_orders_reference_their_instance(url_at_0003):
-    await _alembic(url_at_0003, "upgrade", "head")
+    await run_alembic(url_at_0003, "upgrade", "head")
     schema = await _inspect(url_at_0003, _schema)
     assert schema["foreign_keys"] == {
         "orders": [("process_instances", ("workflow_id",), None)],
@@ -265,9 +247,9 @@ async def test_upgraded_orders_reference_their_instance(url_at_0003):
 async def test_downgrade_drops_what_the_upgrade_added_and_keeps_the_orders(url_at_0003):
     await _insert_old_rows(url_at_0003)
     schema_before = await _inspect(url_at_0003, _schema)
-    await _alembic(url_at_0003, "upgrade", "head")
+    await run_alembic(url_at_0003, "upgrade", "head")
 
-    await _alembic(url_at_0003, "downgrade", "0003")
+    await run_alembic(url_at_0003, "downgrade", "0003")
 
     assert await _inspect(url_at_0003, _schema) == schema_before
     engine = make_engine(url_at_0003)
@@ -282,5 +264,5 @@ async def test_downgrade_drops_what_the_upgrade_added_and_keeps_the_orders(url_a
     finally:
         await engine.dispose()
     # and up again: the backfill runs on the same data a second time without a conflict
-    await _alembic(url_at_0003, "upgrade", "head")
+    await run_alembic(url_at_0003, "upgrade", "head")
     assert await _inspect(url_at_0003, _differences_from_models) == []

@@ -5,7 +5,6 @@ downgrades again."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
@@ -30,8 +28,7 @@ from core.db import (
     make_engine,
     make_session_factory,
 )
-from scripts.migrate import alembic_config, ensure_sqlite_dir
-from tests.support import PostgresServer
+from tests.db.conftest import database_at, run_alembic
 
 AT = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 MONEY, QUANTITY = sa.Numeric(18, 2), sa.Numeric(18, 3)
@@ -109,28 +106,11 @@ def _values(dialect: str) -> dict[str, Decimal]:
     }
 
 
-async def _alembic(url: str, action: str, revision: str) -> None:
-    cfg = alembic_config(url)
-    # alembic's env.py runs its own event loop
-    await asyncio.to_thread(getattr(command, action), cfg, revision)
-
-
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
 async def url_at_0002(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh database at revision 0002, the schema before exact money."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        ensure_sqlite_dir(url)
-        await _alembic(url, "upgrade", "0002")
+    async with database_at(request, tmp_path, "0002") as url:
         yield url
-        return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    url = await server.create_database()
-    try:
-        await _alembic(url, "upgrade", "0002")
-        yield url
-    finally:
-        await server.drop_database(url)
 
 
 async def _insert_old_rows(url: str, v: dict[str, Decimal]) -> None:
@@ -274,7 +254,7 @@ async def test_upgrade_converts_existing_money_and_quantities_exactly(url_at_000
     await _insert_old_rows(url_at_0002, values)
     schema_before = await _inspect(url_at_0002, _schema)
 
-    await _alembic(url_at_0002, "upgrade", "0003")
+    await run_alembic(url_at_0002, "upgrade", "0003")
 
     assert await _read_through_models(url_at_0002) == _expected(values)
     engine = make_engine(url_at_0002)
@@ -292,7 +272,7 @@ async def test_upgrade_converts_existing_money_and_quantities_exactly(url_at_000
     # SQLite recreated orders: its order lines survived, indexes and the foreign key are back
     assert await _inspect(url_at_0002, _schema) == schema_before
     # and the later migrations bring it to the models (0004 on data converted by 0003)
-    await _alembic(url_at_0002, "upgrade", "head")
+    await run_alembic(url_at_0002, "upgrade", "head")
     assert await _read_through_models(url_at_0002) == _expected(values)
     assert await _inspect(url_at_0002, _differences_from_models) == []
 
@@ -302,9 +282,9 @@ async def test_downgrade_gives_the_old_columns_their_values_back(url_at_0002):
     values = _values(dialect)
     await _insert_old_rows(url_at_0002, values)
     schema_before = await _inspect(url_at_0002, _schema)
-    await _alembic(url_at_0002, "upgrade", "head")
+    await run_alembic(url_at_0002, "upgrade", "head")
 
-    await _alembic(url_at_0002, "downgrade", "0002")
+    await run_alembic(url_at_0002, "downgrade", "0002")
 
     engine = make_engine(url_at_0002)
     try:
@@ -331,12 +311,12 @@ async def test_upgrade_rounds_sqlite_values_half_up_once(tmp_path):
     the decimal that was written (1.005, not the float just below it) and rounded half-up,
     where SQLite's own round(1.005 * 100) would give 1.00."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-    await _alembic(url, "upgrade", "0002")
+    await run_alembic(url, "upgrade", "0002")
     values = {"big": Decimal("1.005"), "small": Decimal("2.675"), "quantity": Decimal("0.0125"),
               "fraction": Decimal("7")}  # fmt: skip
     await _insert_old_rows(url, values)
 
-    await _alembic(url, "upgrade", "head")
+    await run_alembic(url, "upgrade", "head")
 
     got = await _read_through_models(url)
     assert got["orders"] == ["1.01", "1.01", "2.68", "2.68"]
