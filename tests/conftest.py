@@ -4,7 +4,6 @@ PostgreSQL server per session), and a real SMTP server on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,13 +16,13 @@ from temporalio.testing import WorkflowEnvironment
 from core.db import make_engine, make_session_factory
 from core.temporal import AMOUNT, CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, REQUESTER, STAGE
 from scripts.mailsink import MailSink
-from scripts.migrate import upgrade
 from tests.support import (
     ADDITIVE,
     FIGURES,
     PostgresServer,
     binary,
     free_port,
+    migrated_sqlite,
     record_figure,
     require_postgres_bindir,
 )
@@ -60,10 +59,8 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 async def _sqlite_url(tmp_path: Path) -> str:
-    """A fresh SQLite file at the newest migration."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'procflow.db'}"
-    await asyncio.to_thread(upgrade, url)  # alembic's env.py runs its own event loop
-    return url
+    """A fresh SQLite file at the newest migration (a copy of one Alembic migrated once)."""
+    return await migrated_sqlite(tmp_path / "procflow.db")
 
 
 @pytest_asyncio.fixture
@@ -81,9 +78,8 @@ async def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         yield await _sqlite_url(tmp_path)
         return
     server: PostgresServer = request.getfixturevalue("postgres")
-    url = await server.create_database()
+    url = await server.migrated_database()
     try:
-        await asyncio.to_thread(upgrade, url)
         yield url
     finally:
         await server.drop_database(url)
@@ -106,6 +102,25 @@ def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
         yield sink
     finally:
         sink.stop()
+
+
+# The longest files run first, so that the pytest-xdist workers run the short ones beside them
+# rather than one long file alone at the end (make test uses --dist loadfile).
+LONGEST_FIRST = (
+    "tests/workflows/test_continue_as_new.py",  # 5,000 updates in a row, about 150 s
+    "tests/faults/test_worker_kill.py",
+    "tests/test_run_stack_crashes.py",
+    "tests/workflows/test_policy_property.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item: pytest.Item) -> int:
+        return rank.get(item.nodeid.split("::", 1)[0], len(rank))
+
+    items.sort(key=key)  # stable: the order within a file and among the others stays
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import filecmp
 import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from core.db import make_engine, make_session_factory
+from scripts.migrate import upgrade
 from scripts.run_stack import StackConfig
 from scripts.seed import seed
 
@@ -102,6 +109,7 @@ class PostgresServer:
         self.log = self.root / "server.log"
         self.port = free_port()
         self._as_user: list[str] = []
+        self._migrated: str | None = None  # the database migrated_database copies
         if os.geteuid() == 0:
             try:
                 pw = pwd.getpwnam("postgres")
@@ -169,11 +177,21 @@ class PostgresServer:
         finally:
             await conn.close()
 
-    async def create_database(self, prefix: str = "t") -> str:
-        """A new empty database with a random name; returns its URL."""
+    async def create_database(self, prefix: str = "t", template: str | None = None) -> str:
+        """A new database with a random name (empty, or a copy of template); returns its URL."""
         name = f"{prefix}_{uuid.uuid4().hex[:16]}"
-        await self._admin(f'CREATE DATABASE "{name}"')
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await self._admin(f'CREATE DATABASE "{name}"{copy}')
         return self.url(name)
+
+    async def migrated_database(self) -> str:
+        """A new database at the newest migration: a copy of one that Alembic migrated once
+        for this server (nothing connects to that one again, so it can be copied)."""
+        if self._migrated is None:
+            url = await self.create_database("head")
+            await asyncio.to_thread(upgrade, url)  # alembic's env.py runs its own event loop
+            self._migrated = url.rsplit("/", 1)[1]
+        return await self.create_database(template=self._migrated)
 
     async def drop_database(self, url: str) -> None:
         name = url.rsplit("/", 1)[1]
@@ -191,11 +209,70 @@ def free_config(data_dir: Path) -> StackConfig:
     )
 
 
-async def seed_database(url: str) -> str:
-    """Fill a migrated database with the demo users, policy and stock; returns its url."""
+# Per test process: SQLite files that Alembic migrated (and the seed filled) once, copied for
+# each test instead of migrating and seeding (argon2 hashes for every demo user) again.
+_SQLITE_TEMPLATES: dict[str, Path] = {}
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def _settled_copy(src: Path, dst: Path) -> None:
+    """Copy a SQLite file nothing has open (its WAL checkpointed into it first)."""
+    with closing(sqlite3.connect(src)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for leftover in (dst.with_name(dst.name + "-wal"), dst.with_name(dst.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _template(name: str) -> Path:
+    if not _SQLITE_TEMPLATES:
+        root = Path(tempfile.mkdtemp(prefix="procflow-templates-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _SQLITE_TEMPLATES["_root"] = root
+    return _SQLITE_TEMPLATES["_root"] / f"{name}.db"
+
+
+async def migrated_sqlite(path: Path) -> str:
+    """A SQLite file at path at the newest migration; returns its URL."""
+    head = _SQLITE_TEMPLATES.get("head")
+    if head is None:
+        head = _template("head")
+        await asyncio.to_thread(upgrade, sqlite_url(head))  # alembic's env.py runs its own loop
+        _SQLITE_TEMPLATES["head"] = head
+    _settled_copy(head, path)
+    return sqlite_url(path)
+
+
+async def _seed(url: str) -> None:
     engine = make_engine(url)
     try:
         await seed(make_session_factory(engine))
     finally:
         await engine.dispose()
+
+
+async def seed_database(url: str) -> str:
+    """Fill a migrated database with the demo users, policy and stock; returns its url. A
+    SQLite file still as `migrated_sqlite` made it gets a copy of one seeded once."""
+    path = Path(make_url(url).database or "")
+    head = _SQLITE_TEMPLATES.get("head")
+    pristine = (
+        url.startswith("sqlite")
+        and head is not None
+        and path.is_file()
+        and filecmp.cmp(head, path, shallow=False)
+    )
+    if not pristine:
+        await _seed(url)
+        return url
+    seeded = _SQLITE_TEMPLATES.get("seeded")
+    if seeded is None:
+        seeded = _template("seeded")
+        _settled_copy(head, seeded)
+        await _seed(sqlite_url(seeded))
+        _SQLITE_TEMPLATES["seeded"] = seeded
+    _settled_copy(seeded, path)
     return url
