@@ -3,6 +3,7 @@ visits and SLA events, the sales order's extension row, tasks, audit trail)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
@@ -79,6 +80,8 @@ class RecordActivities:
     ) -> None:
         self._sessions = session_factory
         self._mail_queued = mail_queued  # the mail dispatcher's wake-up, if one runs here
+        self._grouped: bool | None = None  # group commit (SQLite): decided on first use
+        self.writer = _GroupWriter(session_factory)
 
     @activity.defn(name="load_policy")
     async def load_policy(self, request: PolicyRequest) -> PolicyDocument:
@@ -102,34 +105,110 @@ class RecordActivities:
     @activity.defn(name="project")
     async def project(self, batch: ProjectionBatch) -> None:
         """Apply a batch of read-model writes and queue its mails in one transaction; applying
-        it twice is a no-op. Workflows run it as a local activity (see workflows/runtime.py)."""
-        async with self._sessions.begin() as session:
-            # locks in one order everywhere (here and in activities/reconcile.py): the
-            # instance, its order, its visits, its tasks
-            applied = False
-            if batch.instance is not None:
-                applied = await _upsert_instance(session, batch.instance)
-            elif batch.order is not None:  # older sales-order code: no instance record
-                await _instance_from_order(session, batch.order, batch.stage)
-            if batch.order is not None:
-                await _insert_order(session, batch.order, batch.stage, batch.instance)
-            if applied and batch.instance is not None:
-                await _order_follows(session, batch.instance)
-            if batch.stage is not None:
-                await _apply_stage(session, batch.stage, batch.instance)
-            for visit in batch.visits:
-                await _upsert_visit(session, visit)
-            await _insert_sla_events(session, batch.sla_events)
-            for snapshot in batch.tasks:
-                await _upsert_task(session, snapshot)
-            await _insert_audit(session, batch.audit)
-            if batch.mails:
-                recipients = await resolve_recipients(session, batch.mails)
-                await session.execute(
-                    _insert_or_ignore(session, OutboxMessage), outbox_rows(batch.mails, recipients)
-                )
+        it twice is a no-op. Workflows run it as a local activity (see workflows/runtime.py).
+
+        On SQLite (one writer at a time) the batches of this process that arrive while one is
+        being written wait in a queue and go out together, in one transaction (group commit):
+        under a burst the worker's projections no longer compete for the file's lock, poll it
+        and time out; one failing batch is then written alone and fails alone."""
+        if self._grouped is None:
+            self._grouped = self._sessions.kw["bind"].dialect.name == "sqlite"
+        if self._grouped:
+            await self.writer.write(batch)
+        else:
+            async with self._sessions.begin() as session:
+                await _apply_batch(session, batch)
         if batch.mails and self._mail_queued is not None:
             self._mail_queued()
+
+
+async def _apply_batch(session: AsyncSession, batch: ProjectionBatch) -> None:
+    # locks in one order everywhere (here and in activities/reconcile.py): the instance, its
+    # order, its visits, its tasks
+    applied = False
+    if batch.instance is not None:
+        applied = await _upsert_instance(session, batch.instance)
+    elif batch.order is not None:  # older sales-order code: no instance record
+        await _instance_from_order(session, batch.order, batch.stage)
+    if batch.order is not None:
+        await _insert_order(session, batch.order, batch.stage, batch.instance)
+    if applied and batch.instance is not None:
+        await _order_follows(session, batch.instance)
+    if batch.stage is not None:
+        await _apply_stage(session, batch.stage, batch.instance)
+    for visit in batch.visits:
+        await _upsert_visit(session, visit)
+    await _insert_sla_events(session, batch.sla_events)
+    for snapshot in batch.tasks:
+        await _upsert_task(session, snapshot)
+    await _insert_audit(session, batch.audit)
+    if batch.mails:
+        recipients = await resolve_recipients(session, batch.mails)
+        await session.execute(
+            _insert_or_ignore(session, OutboxMessage), outbox_rows(batch.mails, recipients)
+        )
+
+
+# at most this many queued batches in one group transaction (SQLite)
+GROUP_MAX = 100
+
+
+class _GroupWriter:
+    """One writing task per process for SQLite's single writer: `write` queues a batch and
+    waits for the transaction that carries it. The task takes everything queued (up to
+    GROUP_MAX) into one transaction; when that fails, each of its batches is written alone, so
+    only a batch that fails by itself reports a failure. A caller that gives up (its activity
+    timed out) leaves its batch to be written anyway: applying a batch twice is a no-op."""
+
+    def __init__(self, sessions: async_sessionmaker) -> None:
+        self._sessions = sessions
+        self._queue: list[tuple[ProjectionBatch, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.transactions = 0  # group transactions committed (for tests and benchmarks)
+
+    async def write(self, batch: ProjectionBatch) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # a caller that gave up does not see its failure: it is taken here, not logged as lost
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queue.append((batch, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="projection group writer")
+        await asyncio.shield(done)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue[:GROUP_MAX], self._queue[GROUP_MAX:]
+            try:
+                await self._commit([batch for batch, _ in group])
+            except Exception as err:
+                if len(group) == 1:
+                    _settle(group[0][1], err)
+                    continue
+                for batch, done in group:  # each alone: only a failing batch fails
+                    try:
+                        await self._commit([batch])
+                    except Exception as alone:
+                        _settle(done, alone)
+                    else:
+                        _settle(done, None)
+                continue
+            for _, done in group:
+                _settle(done, None)
+
+    async def _commit(self, batches: list[ProjectionBatch]) -> None:
+        async with self._sessions.begin() as session:
+            for batch in batches:
+                await _apply_batch(session, batch)
+        self.transactions += 1
+
+
+def _settle(done: asyncio.Future[None], err: BaseException | None) -> None:
+    if done.done():
+        return
+    if err is None:
+        done.set_result(None)
+    else:
+        done.set_exception(err)
 
 
 def _upsert(session: AsyncSession, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
