@@ -88,6 +88,8 @@ class Sizes:
 QUICK = Sizes(30, 30, 200, 5_000, 100, 300, 20, 0)
 FULL = Sizes(150, 100, 1_000, 100_000, 300, 10_000, 60, 200)
 INSERT_CHUNK = 5_000  # phase 3: rows per executemany
+# --phases: 1 e2e, 2 decision, 5 memory, 3 inbox, and 4 + 6 (engine: WAL, scale-out; needs e2e)
+PHASES = ("e2e", "decision", "memory", "inbox", "engine")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -671,12 +673,17 @@ async def side_stack(tree: Tree, tmp: Path) -> AsyncIterator[Side]:
 
 # ------------------------------------------------------------------------------ the run
 async def bench(
-    sizes: Sizes, quick: bool, trees: list[Tree], profile: Path | None = None
+    sizes: Sizes,
+    quick: bool,
+    trees: list[Tree],
+    profile: Path | None = None,
+    phases: frozenset[str] = frozenset(PHASES),
 ) -> dict[str, Any]:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # stop cleanly
     results: dict[str, Any] = {"mode": "quick" if quick else "full", "sizes": sizes.__dict__}
+    results["phases"] = [p for p in PHASES if p in phases]
     results["machine"] = machine()
     results["sides"] = {}
     say("setup", f"machine: {results['machine']}")
@@ -691,8 +698,9 @@ async def bench(
             load.start()
             async with side_stack(tree, tmp) as side:
                 prof = profile / tree.label if profile else None
-                await _measure(side_results, sizes, side, prof, load)
-                if i == len(trees) - 1:  # the engine-only phases, once, on the last stack
+                await _measure(side_results, sizes, side, prof, load, phases)
+                # the engine-only phases, once, on the last stack (with phase 1's shapes)
+                if i == len(trees) - 1 and "engine" in phases and "e2e" in phases:
                     shared: dict[str, Any] = {"on_side": tree.label}
                     shapes = side_results["_shapes"]
                     await _wal(shared, sizes, side, shapes, load)
@@ -711,7 +719,12 @@ async def bench(
 
 
 async def _measure(
-    results: dict[str, Any], sizes: Sizes, side: Side, profile: Path | None, load: LoadMeter
+    results: dict[str, Any],
+    sizes: Sizes,
+    side: Side,
+    profile: Path | None,
+    load: LoadMeter,
+    phases: frozenset[str] = frozenset(PHASES),
 ) -> None:
     run = uuid.uuid4().hex[:6]
     api, client, tree = side.api, side.client, side.tree
@@ -719,134 +732,142 @@ async def _measure(
     load.track(pids)
     base_queue = "baseline-bench"
     # ------------------------------------------------------------------ 1. end to end
-    say("e2e", "warm-up: one order of each kind through the API")
-    lat = Latencies()
-    for kind in KINDS:
-        await procflow_order(side, f"W{run}-{kind}", kind, lat)
-    shapes = {kind: await history_shape(client, tree.wid(f"W{run}-{kind}")) for kind in KINDS}
-    results["procflow_history"] = {
-        k: {
-            "activities": dict(s.activities),
-            "activities_total": sum(s.activities.values()),
-            "segments": _compact(s.segments),
-            "timers": s.timers,
-            "updates_and_signals": dict(s.updates),
+    if "e2e" in phases:
+        say("e2e", "warm-up: one order of each kind through the API")
+        lat = Latencies()
+        for kind in KINDS:
+            await procflow_order(side, f"W{run}-{kind}", kind, lat)
+        shapes = {kind: await history_shape(client, tree.wid(f"W{run}-{kind}")) for kind in KINDS}
+        results["procflow_history"] = {
+            k: {
+                "activities": dict(s.activities),
+                "activities_total": sum(s.activities.values()),
+                "segments": _compact(s.segments),
+                "timers": s.timers,
+                "updates_and_signals": dict(s.updates),
+            }
+            for k, s in shapes.items()
         }
-        for k, s in shapes.items()
-    }
-    for k, s in shapes.items():
-        say("e2e", f"{k}: {sum(s.activities.values())} activities {dict(s.activities)}")
-        say("e2e", f"{k}: segments {_compact(s.segments)}, {s.timers} timers, {dict(s.updates)}")
-    base_shapes = {k: Shape(segments=s.segments) for k, s in shapes.items()}
-    results["_shapes"] = base_shapes
-    await run_baseline(client, base_queue, base_shapes, 3, "baseline")  # warm-up
+        for k, s in shapes.items():
+            say("e2e", f"{k}: {sum(s.activities.values())} activities {dict(s.activities)}")
+            segments = _compact(s.segments)
+            say("e2e", f"{k}: segments {segments}, {s.timers} timers, {dict(s.updates)}")
+        base_shapes = {k: Shape(segments=s.segments) for k, s in shapes.items()}
+        results["_shapes"] = base_shapes
+        await run_baseline(client, base_queue, base_shapes, 3, "baseline")  # warm-up
 
-    lat = Latencies()
-    mix = list(enumerate(order_mix(sizes.orders)))
-    say("e2e", f"{sizes.orders} orders through the API (HTTP) by {USERS} concurrent users")
-    meter = CpuMeter({k: pids[k] for k in ("temporal", "worker", "api", "bench_process")})
-    profiler = Profiler(profile) if profile else None
-    if profiler:
-        profiler.start("worker", pids["worker"])
-        profiler.start("api", pids["api"])
-    meter.start()
-    t0 = time.perf_counter()
-    await gather_limited(
-        mix, lambda x: procflow_order(side, f"E{run}-{x[0]}", x[1], lat), USERS, "e2e"
-    )
-    e2e = sizes.orders / (time.perf_counter() - t0)
-    cpu_e2e = meter.stop()
-    if profiler:
-        results["profile"] = profiler.stop()
-        say("e2e", f"py-spy samples of the e2e phase in {profile}")
-    say("e2e", f"{sizes.orders} orders closed: {e2e:.2f} orders/s")
-    say("baseline", f"{sizes.orders} raw-SDK orders of the same shape, same server")
-    BASELINE_MID_DECISIONS.clear()
-    meter = CpuMeter({k: pids[k] for k in ("temporal", "baseline_worker", "bench_process")})
-    meter.start()
-    base = await run_baseline(client, base_queue, base_shapes, sizes.orders, "baseline")
-    cpu_base = meter.stop()
-    per_order = lambda cpu: {k: round(1000 * v / sizes.orders, 1) for k, v in cpu.items()}  # noqa: E731
-    results["cpu_ms_per_order"] = {"procflow": per_order(cpu_e2e), "baseline": per_order(cpu_base)}
-    say("e2e", f"CPU ms per order: {results['cpu_ms_per_order']}")
-    results.update(
-        e2e_orders_per_s=e2e,
-        baseline_orders_per_s=base,
-        e2e_ratio=e2e / base,
-        e2e_final_decision_p50_ms=pct(lat.final, 50),
-        e2e_mid_decision_p50_ms=pct(lat.decisions, 50),
-        baseline_mid_decision_p50_ms=pct(BASELINE_MID_DECISIONS, 50),
-    )
+        lat = Latencies()
+        mix = list(enumerate(order_mix(sizes.orders)))
+        say("e2e", f"{sizes.orders} orders through the API (HTTP) by {USERS} concurrent users")
+        meter = CpuMeter({k: pids[k] for k in ("temporal", "worker", "api", "bench_process")})
+        profiler = Profiler(profile) if profile else None
+        if profiler:
+            profiler.start("worker", pids["worker"])
+            profiler.start("api", pids["api"])
+        meter.start()
+        t0 = time.perf_counter()
+        await gather_limited(
+            mix, lambda x: procflow_order(side, f"E{run}-{x[0]}", x[1], lat), USERS, "e2e"
+        )
+        e2e = sizes.orders / (time.perf_counter() - t0)
+        cpu_e2e = meter.stop()
+        if profiler:
+            results["profile"] = profiler.stop()
+            say("e2e", f"py-spy samples of the e2e phase in {profile}")
+        say("e2e", f"{sizes.orders} orders closed: {e2e:.2f} orders/s")
+        say("baseline", f"{sizes.orders} raw-SDK orders of the same shape, same server")
+        BASELINE_MID_DECISIONS.clear()
+        meter = CpuMeter({k: pids[k] for k in ("temporal", "baseline_worker", "bench_process")})
+        meter.start()
+        base = await run_baseline(client, base_queue, base_shapes, sizes.orders, "baseline")
+        cpu_base = meter.stop()
+        per_order = lambda cpu: {k: round(1000 * v / sizes.orders, 1) for k, v in cpu.items()}  # noqa: E731
+        results["cpu_ms_per_order"] = {
+            "procflow": per_order(cpu_e2e),
+            "baseline": per_order(cpu_base),
+        }
+        say("e2e", f"CPU ms per order: {results['cpu_ms_per_order']}")
+        results.update(
+            e2e_orders_per_s=e2e,
+            baseline_orders_per_s=base,
+            e2e_ratio=e2e / base,
+            e2e_final_decision_p50_ms=pct(lat.final, 50),
+            e2e_mid_decision_p50_ms=pct(lat.decisions, 50),
+            baseline_mid_decision_p50_ms=pct(BASELINE_MID_DECISIONS, 50),
+        )
 
     # ------------------------------------------------------------------ 2. decision latency
-    n = sizes.decisions
-    say("decision", f"opening {2 * n} two-approval orders (1,200,000) through the API")
-    nos = [f"D{run}-{i}" for i in range(2 * n)]
-    await gather_limited(
-        nos,
-        lambda no: api.call("POST", "/orders", "alice", json=order_body(no, 1_200_000)),
-        USERS,
-        "decision",
-    )
-    await outbox_drained(side.engine)  # their mails are out: the decisions meet a quiet system
-    victor = {"username": "victor", "roles": ["vice-president"]}
-
-    async def decide(item: tuple[int, str]) -> float:
-        i, no = item
-        wid = tree.wid(no)
-        t0 = time.perf_counter()
-        if i % 2 == 0:  # through the API
-            res = await api.call(
-                "POST", f"/tasks/{wid}.t1/decision", "victor", json={"outcome": "approved"}
-            )
-        else:  # the same update straight to the workflow: the API's share is the difference
-            res = await client.get_workflow_handle(wid).execute_update(
-                "decide",
-                {"task_id": f"{wid}.t1", "outcome": "approved", "actor": victor},
-                result_type=dict,
-            )
-        assert res["stage"] == "approval", res["stage"]  # the sales director's level is open
-        return (time.perf_counter() - t0) * 1000
-
-    say("decision", f"{n} decisions through the API and {n} direct, {USERS} concurrent")
-    both = await gather_limited(list(enumerate(nos)), decide, USERS, "decision")
-    decisions, direct = both[0::2], both[1::2]
-    results["decision_direct_p50_ms"] = pct(direct, 50)
-    say("decision", f"raw execute_update: {sizes.raw_updates} round trips, {USERS} concurrent")
-    handles = [
-        await client.start_workflow(
-            TrivialWorkflow.run, id=f"trivial-{run}-{i}", task_queue=base_queue
+    if "decision" in phases:
+        n = sizes.decisions
+        say("decision", f"opening {2 * n} two-approval orders (1,200,000) through the API")
+        nos = [f"D{run}-{i}" for i in range(2 * n)]
+        await gather_limited(
+            nos,
+            lambda no: api.call("POST", "/orders", "alice", json=order_body(no, 1_200_000)),
+            USERS,
+            "decision",
         )
-        for i in range(USERS)
-    ]
-    for h in handles:  # warm-up
-        await h.execute_update(TrivialWorkflow.ping, Step(n=0))
+        await outbox_drained(side.engine)  # their mails are out: the decisions meet a quiet system
+        victor = {"username": "victor", "roles": ["vice-president"]}
 
-    async def ping(i: int) -> float:
-        t0 = time.perf_counter()
-        await handles[i % USERS].execute_update(TrivialWorkflow.ping, Step(n=i))
-        return (time.perf_counter() - t0) * 1000
+        async def decide(item: tuple[int, str]) -> float:
+            i, no = item
+            wid = tree.wid(no)
+            t0 = time.perf_counter()
+            if i % 2 == 0:  # through the API
+                res = await api.call(
+                    "POST", f"/tasks/{wid}.t1/decision", "victor", json={"outcome": "approved"}
+                )
+            else:  # the same update straight to the workflow: the API's share is the difference
+                res = await client.get_workflow_handle(wid).execute_update(
+                    "decide",
+                    {"task_id": f"{wid}.t1", "outcome": "approved", "actor": victor},
+                    result_type=dict,
+                )
+            assert res["stage"] == "approval", res["stage"]  # the sales director's level is open
+            return (time.perf_counter() - t0) * 1000
 
-    raw = await gather_limited(range(sizes.raw_updates), ping, USERS, "decision")
-    for h in handles:
-        await h.signal(TrivialWorkflow.finish)
-    results.update(
-        decision_p50_ms=pct(decisions, 50),
-        decision_p99_ms=pct(decisions, 99),
-        raw_update_p50_ms=pct(raw, 50),
-        raw_update_p99_ms=pct(raw, 99),
-    )
-    results["decision_p50_ratio"] = results["decision_p50_ms"] / results["raw_update_p50_ms"]
-    say(
-        "decision",
-        f"decision p50 {results['decision_p50_ms']:.0f} ms, p99 "
-        f"{results['decision_p99_ms']:.0f} ms; "
-        f"raw update p50 {results['raw_update_p50_ms']:.1f} ms; "
-        f"the decide update without the API p50 {results['decision_direct_p50_ms']:.0f} ms",
-    )
+        say("decision", f"{n} decisions through the API and {n} direct, {USERS} concurrent")
+        both = await gather_limited(list(enumerate(nos)), decide, USERS, "decision")
+        decisions, direct = both[0::2], both[1::2]
+        results["decision_direct_p50_ms"] = pct(direct, 50)
+        say("decision", f"raw execute_update: {sizes.raw_updates} round trips, {USERS} concurrent")
+        handles = [
+            await client.start_workflow(
+                TrivialWorkflow.run, id=f"trivial-{run}-{i}", task_queue=base_queue
+            )
+            for i in range(USERS)
+        ]
+        for h in handles:  # warm-up
+            await h.execute_update(TrivialWorkflow.ping, Step(n=0))
 
-    await _memory(results, sizes, side, run)
-    await _inbox(results, sizes, side, run)
+        async def ping(i: int) -> float:
+            t0 = time.perf_counter()
+            await handles[i % USERS].execute_update(TrivialWorkflow.ping, Step(n=i))
+            return (time.perf_counter() - t0) * 1000
+
+        raw = await gather_limited(range(sizes.raw_updates), ping, USERS, "decision")
+        for h in handles:
+            await h.signal(TrivialWorkflow.finish)
+        results.update(
+            decision_p50_ms=pct(decisions, 50),
+            decision_p99_ms=pct(decisions, 99),
+            raw_update_p50_ms=pct(raw, 50),
+            raw_update_p99_ms=pct(raw, 99),
+        )
+        results["decision_p50_ratio"] = results["decision_p50_ms"] / results["raw_update_p50_ms"]
+        say(
+            "decision",
+            f"decision p50 {results['decision_p50_ms']:.0f} ms, p99 "
+            f"{results['decision_p99_ms']:.0f} ms; "
+            f"raw update p50 {results['raw_update_p50_ms']:.1f} ms; "
+            f"the decide update without the API p50 {results['decision_direct_p50_ms']:.0f} ms",
+        )
+
+    if "memory" in phases:
+        await _memory(results, sizes, side, run)
+    if "inbox" in phases:
+        await _inbox(results, sizes, side, run)
 
 
 class Stalled(Exception):
@@ -1209,18 +1230,27 @@ def main(argv: list[str] | None = None) -> int:
         "--waiting", type=int, metavar="M", help="phase 5's waiting instances instead of the size's"
     )
     parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        metavar="LIST",
+        help=f"comma-separated phases to run (default all: {','.join(PHASES)})",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="also write bench/results/<date>-<commit>-<mode>.json, which is committed",
     )
     args = parser.parse_args(argv)
+    phases = frozenset(p.strip() for p in args.phases.split(",") if p.strip())
+    if not phases or phases - set(PHASES):
+        parser.error(f"--phases: choose from {','.join(PHASES)}, not {args.phases!r}")
     specs = args.tree or os.environ.get(TREES_ENV, "").split() or [f"current={ROOT}"]
     trees = [load_tree(label, path) for label, path in parse_trees(specs)]
     sizes = QUICK if args.quick else FULL
     if args.waiting is not None:
         sizes = replace(sizes, waiting=args.waiting)
     t0 = time.perf_counter()
-    results = asyncio.run(bench(sizes, args.quick, trees, args.profile))
+    results = asyncio.run(bench(sizes, args.quick, trees, args.profile, phases))
     last = trees[-1]
     results["measured"] = {"commit": last.commit, "dirty": last.dirty, "side": last.label}
     results["duration_s"] = round(time.perf_counter() - t0, 1)
@@ -1234,6 +1264,8 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{results['finished_at'][:10]}-{last.commit[:10]}-{results['mode']}"
         if args.waiting is not None:
             name += f"-waiting{args.waiting}"
+        if phases != set(PHASES):
+            name += "-" + "-".join(p for p in PHASES if p in phases)
         if len(trees) > 1:
             name += "-vs-" + "-".join(t.commit[:7] for t in trees[:-1])
         kept = RESULTS / f"{name}.json"
