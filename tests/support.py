@@ -15,16 +15,39 @@ import sys
 import tempfile
 import uuid
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
+from activities.models import TaskSnapshot
 from core.db import make_engine, make_session_factory
 from scripts.migrate import upgrade
 from scripts.run_stack import StackConfig
 from scripts.seed import seed
+
+
+def task_snapshot(workflow_id: str, n: int = 1, **fields: Any) -> TaskSnapshot:
+    """An open vice-president approval of a sales order for projection tests; fields override."""
+    values: dict[str, Any] = {
+        "task_id": f"{workflow_id}.t{n}",
+        "workflow_id": workflow_id,
+        "process_type": "sales_order",
+        "business_key": workflow_id,
+        "name": "vice-president approval",
+        "kind": "approval",
+        "candidate_roles": ["vice-president"],
+        "assignee": None,
+        "requester": "alice",
+        "outcomes": ["approved", "rejected"],
+        "status": "open",
+        "created_at": datetime(2026, 1, 5, 9, 0, tzinfo=UTC),
+        "revision": 1,
+    }
+    return TaskSnapshot(**(values | fields))
 
 
 def binary(name: str) -> str:

@@ -12,9 +12,10 @@ from sqlalchemy import event, func, select
 from temporalio.testing import ActivityEnvironment
 
 import activities.records as records_module
-from activities.models import AuditRecord, ProjectionBatch, TaskSnapshot
+from activities.models import AuditRecord, ProjectionBatch
 from activities.records import RecordActivities
 from core.db import AuditEntry, TaskRow
+from tests.support import task_snapshot
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 N = 40
@@ -24,20 +25,13 @@ def _batch(i: int) -> ProjectionBatch:
     wid = f"review-R{i}"
     return ProjectionBatch(
         tasks=[
-            TaskSnapshot(
-                task_id=f"{wid}.t1",
-                workflow_id=wid,
+            task_snapshot(
+                wid,
                 process_type="review",
                 business_key=f"R{i}",
                 name="review",
-                kind="approval",
                 candidate_roles=["reviewer"],
-                assignee=None,
-                requester="alice",
-                outcomes=["approved", "rejected"],
-                status="open",
                 created_at=T0,
-                revision=1,
             )
         ],
         audit=[

@@ -34,6 +34,7 @@ from core.db import (
     TaskCandidate,
     TaskRow,
 )
+from tests.support import task_snapshot
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 WID = "sales_order-9001"
@@ -121,21 +122,7 @@ def _sla(n: int, kind: str = "reminded") -> SlaEventRecord:
 
 
 def _task() -> TaskSnapshot:
-    return TaskSnapshot(
-        task_id=f"{WID}.t1",
-        workflow_id=WID,
-        process_type="sales_order",
-        business_key="9001",
-        name="vice-president approval",
-        kind="approval",
-        candidate_roles=["vice-president"],
-        assignee=None,
-        requester="alice",
-        outcomes=["approved", "rejected"],
-        status="open",
-        created_at=T0,
-        revision=1,
-    )
+    return task_snapshot(WID, business_key="9001", created_at=T0)
 
 
 def _first_batch() -> ProjectionBatch:

@@ -39,6 +39,7 @@ from api.routers.tasks import inbox
 from api.schemas import Principal
 from core.db import AuditEntry, Order, TaskCandidate, TaskRow
 from core.settings import Settings
+from tests.support import task_snapshot
 from worker import ProcflowWorker, build_worker
 from workflows.sales_order import (
     TERMINAL_STAGES,
@@ -301,22 +302,15 @@ def _order(no: str, workflow_id: str) -> OrderRecord:
 
 
 def _task(workflow_id: str, n: int, *, status: str, revision: int, at: datetime) -> TaskSnapshot:
-    return TaskSnapshot(
-        task_id=f"{workflow_id}.t{n}",
-        workflow_id=workflow_id,
-        process_type="sales_order",
-        business_key=workflow_id,
-        name="vice-president approval",
-        kind="approval",
-        candidate_roles=["vice-president"],
-        assignee=None,
-        requester="alice",
-        outcomes=["approved", "rejected"],
-        status=status,  # type: ignore[arg-type]
-        outcome="approved" if status == "closed" else None,
-        decided_by="victor" if status == "closed" else None,
+    closed = status == "closed"
+    return task_snapshot(
+        workflow_id,
+        n,
+        status=status,
+        outcome="approved" if closed else None,
+        decided_by="victor" if closed else None,
         created_at=at,
-        closed_at=at + timedelta(minutes=5) if status == "closed" else None,
+        closed_at=at + timedelta(minutes=5) if closed else None,
         revision=revision,
     )
 
