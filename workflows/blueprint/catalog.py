@@ -1,0 +1,92 @@
+"""The activity catalog: what a blueprint's `call` step may run, as data.
+
+Each entry names an activity, says in one line what it does, and gives the model of its
+parameters (a blueprint's `with`, checked at publish), the model of its result, its timeout
+and how often it is retried. Blueprints choose among these and set parameters only: never a
+timeout, a retry or a URL. The activities themselves are implemented in `activities/` (the
+interpreter references them by these names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import MappingProxyType
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
+
+from workflows.blueprint.model import MAX_TEXT, Name, Role
+
+
+class ActivityModel(BaseModel):
+    """Base of the catalog's parameter and result models: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NotifyCustomerInput(ActivityModel):
+    template: Name = Field(description="the mail template")
+    to: EmailStr | None = Field(None, description="default: the instance's customer e-mail")
+
+
+class NotifyRoleInput(ActivityModel):
+    role: Role
+    template: Name = Field(description="the mail template")
+
+
+class Notified(ActivityModel):
+    recipients: int = Field(description="how many people the mail went to")
+
+
+class RecordNoteInput(ActivityModel):
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+
+
+class NoteRecorded(ActivityModel):
+    note_id: str
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """An activity a blueprint may call."""
+
+    name: str
+    description: str  # one line
+    input_model: type[ActivityModel]  # the `with` of a call
+    output_model: type[ActivityModel]
+    timeout: timedelta  # start to close
+    retries: int  # attempts after the first, then the step fails
+
+
+CATALOG: Mapping[str, CatalogEntry] = MappingProxyType(
+    {
+        entry.name: entry
+        for entry in (
+            CatalogEntry(
+                name="notify_customer",
+                description="Mail the customer a template filled with the instance's data.",
+                input_model=NotifyCustomerInput,
+                output_model=Notified,
+                timeout=timedelta(seconds=30),
+                retries=5,
+            ),
+            CatalogEntry(
+                name="notify_role",
+                description="Mail everyone who holds a role a template about the instance.",
+                input_model=NotifyRoleInput,
+                output_model=Notified,
+                timeout=timedelta(seconds=30),
+                retries=5,
+            ),
+            CatalogEntry(
+                name="record_note",
+                description="Add a note to the instance's record (audit log).",
+                input_model=RecordNoteInput,
+                output_model=NoteRecorded,
+                timeout=timedelta(seconds=10),
+                retries=3,
+            ),
+        )
+    }
+)
