@@ -26,6 +26,7 @@ from workflows.blueprint.check import (
     version_id,
     warnings,
 )
+from workflows.kernel import HumanProcess
 
 SEEDS = Path(__file__).resolve().parents[2] / "blueprints"
 
@@ -97,6 +98,15 @@ def test_the_tiny_document_is_valid() -> None:
 
 
 # ----------------------------------------------------------------------------- shape
+@pytest.mark.parametrize("name", [HumanProcess.FAILED_STAGE, HumanProcess.CANCELLED_STAGE])
+def test_stage_names_the_kernel_uses_are_refused(name: str) -> None:
+    doc = tiny()
+    doc["stages"][name] = doc["stages"].pop("finished")
+    doc["stages"]["work"]["then"][1]["otherwise"] = doc["stages"]["work"]["on_max_visits"] = name
+    message = f"the stage name {name!r} is reserved: the kernel ends instances there itself"
+    assert refused(doc) == [(f"stages.{name}", message)]
+
+
 def test_unknown_key_is_refused() -> None:
     doc = tiny()
     doc["colour"] = "red"

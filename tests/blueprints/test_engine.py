@@ -666,14 +666,30 @@ def test_a_failed_call_withdraws_the_open_steps_and_ends_failed() -> None:
 def test_a_deadline_closes_the_task_with_its_on_deadline_outcome() -> None:
     blueprint = seed("onboarding")
     state, _ = run(blueprint, ONBOARDING_INPUT, TO_ASSESSMENT[:1])
-    # a person cancelling fills in the form's required fields too; the deadline needs none
-    with pytest.raises(
-        EngineRefusal, match="business, industry: required when the outcome is 'cancelled'"
-    ):
-        apply(blueprint, state, closed("meeting", "cancelled", comment="client left"))
+    # holding the meeting needs its business fields; the deadline needs none
+    with pytest.raises(EngineRefusal, match="business, industry: required when the outcome is"):
+        apply(blueprint, state, closed("meeting", "held"))
     state, commands = apply(blueprint, state, closed("meeting", "timed_out", by="system"))
     assert kinds(commands) == ["enter_stage", "end"]
-    assert state.outcome == "cancelled" and state.visits["cancelled"] == 1
+    assert state.outcome == "cancelled" and state.visits["withdrawn"] == 1
+
+
+def test_cancelling_the_meeting_needs_only_a_comment() -> None:
+    blueprint = seed("onboarding")
+    state, _ = run(blueprint, ONBOARDING_INPUT, TO_ASSESSMENT[:1])
+    with pytest.raises(EngineRefusal, match="comment: required when the outcome is 'cancelled'"):
+        apply(blueprint, state, closed("meeting", "cancelled"))
+    state, _ = apply(blueprint, state, closed("meeting", "cancelled", comment="client left"))
+    assert (state.stage, state.outcome) == ("withdrawn", "cancelled")
+
+
+def test_declining_a_complaint_needs_no_classification() -> None:
+    state, _ = apply(
+        seed("complaint"),
+        complaint_in_record(),
+        closed("record", "not_a_complaint", comment="a question"),
+    )
+    assert state.stage != "record"
 
 
 def test_an_end_missing_its_required_fields() -> None:

@@ -14,15 +14,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import EmailStr, Field
 
-from workflows.blueprint.model import MAX_TEXT, Name, Role
+from workflows.blueprint.model import MAX_TEXT, FrozenModel, Name, Role
 
 
-class ActivityModel(BaseModel):
+class ActivityModel(FrozenModel):
     """Base of the catalog's parameter and result models: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class NotifyCustomerInput(ActivityModel):

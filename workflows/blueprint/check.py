@@ -63,6 +63,7 @@ from workflows.blueprint.model import (
     walk_steps,
 )
 from workflows.calendar import BusinessDuration, business_minutes, day_minutes, due_always_exists
+from workflows.kernel import HumanProcess
 from workflows.policy import _error, _refuse, _show
 
 # Temporal refuses a history beyond 51,200 events and 2,000 updates; a blueprint stays well
@@ -81,6 +82,8 @@ ACTIVITY = 3 + WORKFLOW_TASK  # scheduled, started, completed (retries add no ev
 TASK_UPDATES = 4  # a decision, and the claims, releases or delegations before it
 START_AND_END = 2 + WORKFLOW_TASK + PROJECTION + 1  # started, first task, last write, completed
 
+# the stages the kernel ends an instance in by itself: no blueprint stage may take their names
+RESERVED_STAGES = (HumanProcess.FAILED_STAGE, HumanProcess.CANCELLED_STAGE)
 KEY_TYPES = ("string", "email", "int")
 ASSIGNEE_TYPES = ("string", "email")
 AMOUNT_TYPES = ("int", "decimal")
@@ -275,6 +278,9 @@ def _stage_errors(
 ) -> list[InitErrorDetails]:
     loc = ("stages", name)
     errors = []
+    if name in RESERVED_STAGES:
+        message = f"the stage name {name!r} is reserved: the kernel ends instances there itself"
+        errors.append(_error(loc, "reserved_stage", message, name))
     for step_loc, step in walk_steps(stage.do, (*loc, "do")):
         errors += _step_errors(blueprint, step_loc, step, fields)
     steps = stage.steps()

@@ -88,6 +88,7 @@ from workflows.blueprint.model import (
     FieldIs,
     FieldRef,
     FieldSpec,
+    FrozenModel,
     NotOf,
     ParallelStep,
     Predicate,
@@ -105,10 +106,11 @@ from workflows.blueprint.model import (
 from workflows.errors import CONFLICT, INVALID_DECISION, TASK_NOT_FOUND, refuse
 from workflows.human_task import SYSTEM_ACTOR, TIMED_OUT, TaskTimes
 from workflows.human_task import Escalation as TaskEscalation
+from workflows.kernel import HumanProcess
 from workflows.policy import TimerDuration
 
 MAIN = "main"  # the branch of a stage's own steps; a parallel's are `<parallel>.<branch>`
-FAILED = "failed"  # the stage and outcome of an instance whose call failed
+FAILED = HumanProcess.FAILED_STAGE  # the stage and outcome of an instance whose call failed
 STAGE_SLA = "stage:"  # a stage SLA's name: `stage:<stage>`
 EMAIL_PATTERN = r"[^@\s]+@[^@\s]+\.[^@\s]+"
 
@@ -180,10 +182,8 @@ class EngineState(BaseModel):
 
 
 # ----------------------------------------------------------------------------- commands
-class CommandModel(BaseModel):
+class CommandModel(FrozenModel):
     """Base of the commands: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class EnterStage(CommandModel):
@@ -339,10 +339,8 @@ Command = Annotated[
 
 
 # ----------------------------------------------------------------------------- events
-class EventModel(BaseModel):
+class EventModel(FrozenModel):
     """Base of the events: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class TaskClosed(EventModel):

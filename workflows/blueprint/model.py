@@ -171,10 +171,15 @@ Names = Annotated[list[Name], Field(min_length=1, max_length=MAX_OUTCOMES), Afte
 Roles = Annotated[list[Role], Field(min_length=1, max_length=MAX_ROLES), AfterValidator(_unique)]
 
 
-class BlueprintModel(BaseModel):
-    """Base of every part of a blueprint: frozen, unknown keys refused."""
+class FrozenModel(BaseModel):
+    """Frozen, unknown keys refused: the base of a blueprint's parts, the catalog's parameters
+    and results, and the engine's commands and events."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BlueprintModel(FrozenModel):
+    """Base of every part of a blueprint."""
 
 
 def _check(title: str, errors: list[InitErrorDetails]) -> None:
@@ -351,6 +356,16 @@ def _first_kind(value: Any, kinds: tuple[str, ...]) -> str | None:
     return kind if kind in kinds else None
 
 
+def _by_kind(kinds: tuple[str, ...], error_type: str, message: str) -> Discriminator:
+    """The discriminator of a union of tagged models: `_first_kind` among `kinds`, and the
+    error (`error_type`, `message`) of a value that is none of them."""
+    return Discriminator(
+        lambda value: _first_kind(value, kinds),
+        custom_error_type=error_type,
+        custom_error_message=message,
+    )
+
+
 PREDICATE_KINDS = ("step", "field", "visits", "all", "any", "not")
 COMPARISONS = ("eq", "ne", "lt", "lte", "gt", "gte", "in")
 ORDERINGS = ("lt", "lte", "gt", "gte")
@@ -428,10 +443,6 @@ class NotOf(BlueprintModel):
     not_: Predicate = Field(alias="not")
 
 
-def _predicate_kind(value: Any) -> str | None:
-    return _first_kind(value, PREDICATE_KINDS)
-
-
 Predicate = Annotated[
     Annotated[StepIs, Tag("step")]
     | Annotated[FieldIs, Tag("field")]
@@ -439,11 +450,11 @@ Predicate = Annotated[
     | Annotated[AllOf, Tag("all")]
     | Annotated[AnyOf, Tag("any")]
     | Annotated[NotOf, Tag("not")],
-    Discriminator(
-        _predicate_kind,
-        custom_error_type="condition",
-        custom_error_message="a condition is one of {step, outcome}, {field, eq|ne|lt|lte|gt|"
-        "gte|in}, {visits, gte}, {all: [...]}, {any: [...]}, {not: ...}",
+    _by_kind(
+        PREDICATE_KINDS,
+        "condition",
+        "a condition is one of {step, outcome}, {field, eq|ne|lt|lte|gt|gte|in}, {visits, gte}, "
+        "{all: [...]}, {any: [...]}, {not: ...}",
     ),
 ]
 
@@ -460,7 +471,22 @@ def operands(predicate: Predicate) -> Iterator[tuple[Loc, Predicate]]:
 
 
 # ----------------------------------------------------------------------------- steps
-class TaskStep(BlueprintModel):
+class StepModel(BlueprintModel):
+    """Base of the steps. A step is named by its kind's key (`task: record`) unless it says
+    otherwise, and has no outcomes a stage's condition can name unless it says which."""
+
+    KIND: ClassVar[str]
+
+    @property
+    def step_name(self) -> str | None:
+        return str(getattr(self, self.KIND))
+
+    @property
+    def step_outcomes(self) -> tuple[str, ...]:
+        return ()
+
+
+class TaskStep(StepModel):
     """A human task: who acts (`roles`, or the user a field names), the form, the outcomes."""
 
     KIND: ClassVar[str] = "task"
@@ -508,10 +534,6 @@ class TaskStep(BlueprintModel):
         return self
 
     @property
-    def step_name(self) -> str:
-        return self.task
-
-    @property
     def step_outcomes(self) -> tuple[str, ...]:
         return tuple(self.outcomes)
 
@@ -548,7 +570,7 @@ class ApprovalTier(BlueprintModel):
         return self
 
 
-class ApprovalStep(BlueprintModel):
+class ApprovalStep(StepModel):
     """An approval chain: the levels the amount needs, lowest first; approved once every
     level approved, rejected at the first refusal (timed_out past a deadline)."""
 
@@ -578,10 +600,6 @@ class ApprovalStep(BlueprintModel):
         return self
 
     @property
-    def step_name(self) -> str:
-        return self.approval
-
-    @property
     def step_outcomes(self) -> tuple[str, ...]:
         if self.timers and self.timers.deadline is not None:
             return (*APPROVAL_OUTCOMES, TIMED_OUT)
@@ -603,7 +621,7 @@ def _parameter(value: Any) -> Any:
 Parameter = Annotated[FieldRef | bool | int | float | str, BeforeValidator(_parameter)]
 
 
-class CallStep(BlueprintModel):
+class CallStep(StepModel):
     """A call of a catalogued activity (`workflows.blueprint.catalog`), with its parameters;
     its timeout and retries are the catalog's, never the blueprint's."""
 
@@ -617,10 +635,6 @@ class CallStep(BlueprintModel):
     @property
     def step_name(self) -> str:
         return self.name or self.call
-
-    @property
-    def step_outcomes(self) -> tuple[str, ...]:
-        return ()
 
 
 RECEIVED = "received"
@@ -658,7 +672,7 @@ class WaitSpec(BlueprintModel):
         return self
 
 
-class WaitStep(BlueprintModel):
+class WaitStep(StepModel):
     """A wait. An event wait ends `received` or `timed_out`, which conditions may read."""
 
     KIND: ClassVar[str] = "wait"
@@ -674,7 +688,7 @@ class WaitStep(BlueprintModel):
         return (RECEIVED, TIMED_OUT) if self.wait.event is not None else ()
 
 
-class ParallelStep(BlueprintModel):
+class ParallelStep(StepModel):
     """Named branches of steps run side by side; the step ends when every branch has."""
 
     KIND: ClassVar[str] = "parallel"
@@ -683,20 +697,8 @@ class ParallelStep(BlueprintModel):
         min_length=2, max_length=MAX_BRANCHES
     )
 
-    @property
-    def step_name(self) -> str:
-        return self.parallel
-
-    @property
-    def step_outcomes(self) -> tuple[str, ...]:
-        return ()
-
 
 STEP_KINDS = ("task", "approval", "call", "wait", "parallel")
-
-
-def _step_kind(value: Any) -> str | None:
-    return _first_kind(value, STEP_KINDS)
 
 
 Step = Annotated[
@@ -705,11 +707,10 @@ Step = Annotated[
     | Annotated[CallStep, Tag("call")]
     | Annotated[WaitStep, Tag("wait")]
     | Annotated[ParallelStep, Tag("parallel")],
-    Discriminator(
-        _step_kind,
-        custom_error_type="step_kind",
-        custom_error_message="a step is one of task, approval, call, wait, parallel: its "
-        "first key says which",
+    _by_kind(
+        STEP_KINDS,
+        "step_kind",
+        "a step is one of task, approval, call, wait, parallel: its first key says which",
     ),
 ]
 
