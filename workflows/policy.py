@@ -90,12 +90,12 @@ _KNOWN_ERROR_TYPES: frozenset[str] = frozenset(get_args(ErrorType))
 Loc = tuple[str | int, ...]
 
 
-def _error(loc: Loc, kind: str, message: str, value: object) -> InitErrorDetails:
+def document_error(loc: Loc, kind: str, message: str, value: object) -> InitErrorDetails:
     # no context: the message is used as it is (a role or tier name may contain braces)
     return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
 
 
-def _refuse(title: str, errors: list[InitErrorDetails]) -> ValidationError:
+def document_refusal(title: str, errors: list[InitErrorDetails]) -> ValidationError:
     """Errors at locations relative to the value being validated (pydantic prefixes the rest)."""
     return ValidationError.from_exception_data(title, errors)
 
@@ -107,10 +107,10 @@ def _again(e: ErrorDetails) -> InitErrorDetails:
         if "ctx" in e:
             details["ctx"] = e["ctx"]
         return details
-    return _error(e["loc"], e["type"], e["msg"], e["input"])
+    return document_error(e["loc"], e["type"], e["msg"], e["input"])
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -130,7 +130,7 @@ def _known_role(role: str) -> str:
     if role not in KNOWN_ROLES:
         raise PydanticCustomError(
             "unknown_role",
-            f"unknown role {_show(role)}; known roles: {', '.join(sorted(KNOWN_ROLES))}",
+            f"unknown role {show_value(role)}; known roles: {', '.join(sorted(KNOWN_ROLES))}",
         )
     return role
 
@@ -143,24 +143,24 @@ def _iso_4217(code: str, info: ValidationInfo) -> str:
     well_formed = len(code) == 3 and code.isascii() and code.isalpha() and code.isupper()
     if not well_formed or (strict and code not in ISO_4217_CODES):
         raise PydanticCustomError(
-            "unknown_currency", f"{_show(code)} is not an ISO 4217 currency code (e.g. EUR)"
+            "unknown_currency", f"{show_value(code)} is not an ISO 4217 currency code (e.g. EUR)"
         )
     return code
 
 
-def _unique(values: list[str]) -> list[str]:
+def unique_names(values: list[str]) -> list[str]:
     seen: set[str] = set()
     errors = []
     for i, v in enumerate(values):
         if v in seen:
-            errors.append(_error((i,), "duplicate", f"{_show(v)} is listed twice", v))
+            errors.append(document_error((i,), "duplicate", f"{show_value(v)} is listed twice", v))
         seen.add(v)
     if errors:
-        raise _refuse("list", errors)
+        raise document_refusal("list", errors)
     return values
 
 
-def _printable(name: str) -> str:
+def printable_name(name: str) -> str:
     if not name.strip():
         raise PydanticCustomError("blank", "a name must not be blank")
     if not name.isprintable():  # it goes into task names, mails and the read model
@@ -184,10 +184,10 @@ def _timer_duration(value: Any) -> timedelta | BusinessDuration:
         return _Elapsed(span=value).span
     except ValidationError as err:
         errors = [_again({**e, "loc": e["loc"][1:]}) for e in err.errors()]
-        raise _refuse("Duration", errors) from None
+        raise document_refusal("Duration", errors) from None
 
 
-def _timer_iso(value: timedelta | BusinessDuration) -> str:
+def timer_iso(value: timedelta | BusinessDuration) -> str:
     if isinstance(value, BusinessDuration):
         return value.isoformat()
     return _Elapsed.model_construct(span=value).model_dump(mode="json")["span"]
@@ -199,7 +199,7 @@ def _timer_iso(value: timedelta | BusinessDuration) -> str:
 TimerDuration = Annotated[
     timedelta | BusinessDuration,
     PlainValidator(_timer_duration),
-    PlainSerializer(_timer_iso, when_used="json"),
+    PlainSerializer(timer_iso, when_used="json"),
     WithJsonSchema(
         {
             "type": "string",
@@ -211,12 +211,12 @@ TimerDuration = Annotated[
 ]
 RoleName = Annotated[str, AfterValidator(_known_role)]
 RoleList = Annotated[
-    list[RoleName], Field(min_length=1, max_length=MAX_ROLES), AfterValidator(_unique)
+    list[RoleName], Field(min_length=1, max_length=MAX_ROLES), AfterValidator(unique_names)
 ]
 CurrencyCode = Annotated[str, AfterValidator(_iso_4217)]
 Amount = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, decimal_places=2)]
 TierName = Annotated[
-    str, Field(min_length=1, max_length=MAX_NAME_LENGTH), AfterValidator(_printable)
+    str, Field(min_length=1, max_length=MAX_NAME_LENGTH), AfterValidator(printable_name)
 ]
 
 
@@ -266,7 +266,7 @@ class PolicyModel(BaseModel):
             handler(data)
         except ValidationError as err:
             errors += [_again(e) for e in err.errors()]
-        raise _refuse(cls.__name__, errors)
+        raise document_refusal(cls.__name__, errors)
 
 
 # ----------------------------------------------------------------------------- the models
@@ -286,13 +286,19 @@ class ApprovalTier(PolicyModel):
     @model_validator(mode="after")
     def _k_fits(self) -> Self:
         if self.mode == "k_of_n" and self.k is None:
-            raise _refuse("ApprovalTier", [_error(("k",), "k_missing", "k_of_n needs k", None)])
+            raise document_refusal(
+                "ApprovalTier", [document_error(("k",), "k_missing", "k_of_n needs k", None)]
+            )
         if self.mode == "k_of_n" and self.k is not None and self.k > len(self.roles):
             message = f"k ({self.k}) exceeds the {len(self.roles)} roles of the tier"
-            raise _refuse("ApprovalTier", [_error(("k",), "k_too_large", message, self.k)])
+            raise document_refusal(
+                "ApprovalTier", [document_error(("k",), "k_too_large", message, self.k)]
+            )
         if self.mode != "k_of_n" and self.k is not None:
             message = f"k applies to mode k_of_n only, not {self.mode}"
-            raise _refuse("ApprovalTier", [_error(("k",), "k_unused", message, self.k)])
+            raise document_refusal(
+                "ApprovalTier", [document_error(("k",), "k_unused", message, self.k)]
+            )
         return self
 
 
@@ -339,11 +345,11 @@ class TaskTimers(PolicyModel):
     def _ordered(self) -> Self:
         given = set(self.model_fields_set)  # before the defaults below are converted
         errors = [
-            _error(loc, "timer_kind", message, getattr(self, str(loc[0]), None))
+            document_error(loc, "timer_kind", message, getattr(self, str(loc[0]), None))
             for loc, message in timer_kind_errors(self.business_time, self._given_spans())
         ]
         if errors:
-            raise _refuse("TaskTimers", errors)
+            raise document_refusal("TaskTimers", errors)
         if self.business_time:
             for key in DURATION_KEYS:  # the built-in defaults, in business days
                 value = getattr(self, key)
@@ -355,12 +361,12 @@ class TaskTimers(PolicyModel):
                 if key in given and getattr(self, key) != value:
                     message = f"{key} ({getattr(self, key)}) differs from the first level of "
                     message += f"escalations ({value}): give one of them"
-                    errors.append(_error((key,), "escalation_conflict", message, value))
+                    errors.append(document_error((key,), "escalation_conflict", message, value))
             self.escalate_after, self.escalation_role = first.after, first.to_role
         if not self.business_time:
             errors += self.order_errors(lambda d: d)
         if errors:
-            raise _refuse("TaskTimers", errors)
+            raise document_refusal("TaskTimers", errors)
         self.task_times()
         return self
 
@@ -398,16 +404,18 @@ class TaskTimers(PolicyModel):
                 if key(level.after) <= key(before.after):
                     message = f"after ({level.after}) must be longer than the previous level's "
                     message += f"({before.after}): levels go earliest first{terms}"
-                    errors.append(_error(("escalations", i, "after"), "timer_order", message, 0))
+                    errors.append(
+                        document_error(("escalations", i, "after"), "timer_order", message, 0)
+                    )
             last = self.escalations[-1].after
             if key(last) > key(self.deadline):
                 message = f"the last level ({last}) must not be later than deadline "
                 message += f"({self.deadline}){terms}"
                 loc = ("escalations", len(self.escalations) - 1, "after")
-                errors.append(_error(loc, "timer_order", message, str(last)))
+                errors.append(document_error(loc, "timer_order", message, str(last)))
         if key(self.remind_after) >= key(self.escalate_after):
             errors.append(
-                _error(
+                document_error(
                     ("remind_after",),
                     "timer_order",
                     f"remind_after ({self.remind_after}) must be shorter than escalate_after "
@@ -417,7 +425,7 @@ class TaskTimers(PolicyModel):
             )
         if not self.escalations and key(self.escalate_after) > key(self.deadline):
             errors.append(
-                _error(
+                document_error(
                     ("escalate_after",),
                     "timer_order",
                     f"escalate_after ({self.escalate_after}) must not be longer than deadline "
@@ -467,17 +475,19 @@ class ProcessPolicy(PolicyModel):
             if isinstance(value, TaskTimers) and value.business_time:
                 if calendar is None:
                     message = "business_time needs the policy's calendar"
-                    errors.append(_error((name, "business_time"), "no_calendar", message, True))
+                    errors.append(
+                        document_error((name, "business_time"), "no_calendar", message, True)
+                    )
                     continue
                 errors += [_under(name, e) for e in _business_timer_errors(value, calendar)]
             elif isinstance(value, BusinessDuration):
                 if calendar is None:
                     message = "a business duration needs the policy's calendar"
-                    errors.append(_error((name,), "no_calendar", message, str(value)))
+                    errors.append(document_error((name,), "no_calendar", message, str(value)))
                 elif not due_always_exists(calendar, value):
                     errors.append(_too_long((name,), value))
         if errors:
-            raise _refuse(type(self).__name__, errors)
+            raise document_refusal(type(self).__name__, errors)
         return self
 
 
@@ -504,7 +514,7 @@ def _under(name: str, error: InitErrorDetails) -> InitErrorDetails:
 def _too_long(loc: Loc, span: BusinessDuration) -> InitErrorDetails:
     message = f"{span} is too long for the calendar: it has too little working time to be sure "
     message += "of a due within 20 years"
-    return _error(loc, "business_duration_too_long", message, str(span))
+    return document_error(loc, "business_duration_too_long", message, str(span))
 
 
 class SalesOrderPolicy(ProcessPolicy):
@@ -543,7 +553,7 @@ class SalesOrderPolicy(ProcessPolicy):
     payment_reminder_after: Duration = Field(
         timedelta(days=3), description="shorter than payment_deadline"
     )
-    currencies: Annotated[list[CurrencyCode], AfterValidator(_unique)] = Field(
+    currencies: Annotated[list[CurrencyCode], AfterValidator(unique_names)] = Field(
         default_factory=lambda: ["EUR", "USD", "GBP", "CHF", "RON"],
         min_length=1,
         max_length=MAX_CURRENCIES,
@@ -568,7 +578,7 @@ class SalesOrderPolicy(ProcessPolicy):
     def _ascending(cls, tiers: list[ApprovalTier]) -> list[ApprovalTier]:
         """Given lowest first, thresholds distinct: refused otherwise, never re-sorted."""
         errors = [
-            _error(
+            document_error(
                 (i, "min_amount"),
                 "tier_order",
                 f"min_amount {tier.min_amount} must be greater than the previous tier's "
@@ -579,7 +589,7 @@ class SalesOrderPolicy(ProcessPolicy):
             if i > 0 and tier.min_amount <= tiers[i - 1].min_amount
         ]
         if errors:
-            raise _refuse("approval_tiers", errors)
+            raise document_refusal("approval_tiers", errors)
         return tiers
 
     @model_validator(mode="after")
@@ -590,17 +600,17 @@ class SalesOrderPolicy(ProcessPolicy):
                 f"payment_reminder_after ({self.payment_reminder_after}) must be shorter than "
                 f"payment_deadline ({self.payment_deadline})"
             )
-            error = _error(
+            error = document_error(
                 ("payment_reminder_after",), "timer_order", message, self.payment_reminder_after
             )
-            raise _refuse("SalesOrderPolicy", [error])
+            raise document_refusal("SalesOrderPolicy", [error])
         for timers in (self.payment_timers(), self.approval_timers, self.acknowledgement_timers):
             timers.task_times()
         if self.approval_tiers:
             # the largest threshold needs every level: the longest chain an order can get
             levels = approval_chain(self.approval_tiers, self.approval_tiers[-1].min_amount)
             errors = [
-                _error(
+                document_error(
                     ("approval_tiers", i),
                     "unreachable_level",
                     f"level {level.name!r} needs {level.needed()} approvals from "
@@ -611,7 +621,7 @@ class SalesOrderPolicy(ProcessPolicy):
                 if not 1 <= level.needed() <= len(level.task_roles())
             ]
             if errors:
-                raise _refuse("SalesOrderPolicy", errors)
+                raise document_refusal("SalesOrderPolicy", errors)
         return self
 
     def payment_timers(self) -> TaskTimers:

@@ -64,7 +64,7 @@ from workflows.blueprint.model import (
 )
 from workflows.calendar import BusinessDuration, business_minutes, day_minutes, due_always_exists
 from workflows.kernel import HumanProcess
-from workflows.policy import _error, _refuse, _show
+from workflows.policy import document_error, document_refusal, show_value
 
 # Temporal refuses a history beyond 51,200 events and 2,000 updates; a blueprint stays well
 # under both in its worst case (the kernel continues as new long before, when Temporal says so)
@@ -119,11 +119,13 @@ def load_yaml(text: str) -> dict[str, Any]:
     try:
         document = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as err:
-        raise _refuse("Blueprint", [_error((), "yaml", f"not YAML: {err}", None)]) from None
+        raise document_refusal(
+            "Blueprint", [document_error((), "yaml", f"not YAML: {err}", None)]
+        ) from None
     if not isinstance(document, dict):
         message = "a blueprint is a YAML mapping (process: ..., stages: ...), "
         message += f"not {type(document).__name__}"
-        raise _refuse("Blueprint", [_error((), "not_a_mapping", message, None)])
+        raise document_refusal("Blueprint", [document_error((), "not_a_mapping", message, None)])
     return document
 
 
@@ -133,7 +135,7 @@ def parse_blueprint(document: dict[str, Any]) -> Blueprint:
     blueprint = Blueprint.model_validate(document)
     errors = document_errors(blueprint)
     if errors:
-        raise _refuse("Blueprint", errors)
+        raise document_refusal("Blueprint", errors)
     return blueprint
 
 
@@ -175,7 +177,7 @@ def document_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
 def _unknown(loc: Loc, what: str, name: str, known: Mapping[str, Any]) -> InitErrorDetails:
     message = f"no {what} {name!r}"
     message += f"; known: {', '.join(known)}" if known else f"; there is no {what}"
-    return _error(loc, "unknown_" + what.split()[0], message, name)
+    return document_error(loc, "unknown_" + what.split()[0], message, name)
 
 
 def _path(loc: Loc) -> str:
@@ -208,7 +210,7 @@ def _field_index(blueprint: Blueprint) -> tuple[dict[str, FieldSpec], list[InitE
         if (known.type, known.options) != (spec.type, spec.options):
             message = f"field {name!r} is of type {spec.type} here but {known.type} at "
             message += f"{_path(where)}: one name, one type (and the same options)"
-            errors.append(_error(loc, "field_conflict", message, name))
+            errors.append(document_error(loc, "field_conflict", message, name))
     return {name: spec for name, (_, spec) in first.items()}, errors
 
 
@@ -221,7 +223,7 @@ def _field_errors(
         return [_unknown(loc, "field", name, fields)]
     if spec.type not in types:
         message = f"{use} is a field of type {' or '.join(types)}; {name!r} is a {spec.type}"
-        return [_error(loc, "field_type", message, name)]
+        return [document_error(loc, "field_type", message, name)]
     return []
 
 
@@ -239,12 +241,14 @@ def _value_error(spec: FieldSpec, value: Any) -> str | None:
     elif kind == "choice":
         if value in (spec.options or ()):
             return None
-        return f"{_show(value)} is not an option of the field: {', '.join(spec.options or ())}"
+        return f"{show_value(value)} is not an option of the field: {', '.join(spec.options or ())}"
     else:
         fits = isinstance(value, str)
     if fits:
         return None
-    return f"a {kind} field compares with {VALUE_WORDS.get(kind, 'a string')}, not {_show(value)}"
+    return (
+        f"a {kind} field compares with {VALUE_WORDS.get(kind, 'a string')}, not {show_value(value)}"
+    )
 
 
 def _iso(kind: str, text: str) -> bool:
@@ -267,7 +271,9 @@ def _reference_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
         message = f"the business key is a required input field of type {', '.join(KEY_TYPES)}"
         message += f"; {blueprint.business_key!r} is {'a' if key.required else 'an optional'} "
         message += key.type
-        errors.append(_error(("business_key",), "business_key", message, blueprint.business_key))
+        errors.append(
+            document_error(("business_key",), "business_key", message, blueprint.business_key)
+        )
     if blueprint.start not in blueprint.stages:
         errors.append(_unknown(("start",), "stage", blueprint.start, blueprint.stages))
     return errors
@@ -280,7 +286,7 @@ def _stage_errors(
     errors = []
     if name in RESERVED_STAGES:
         message = f"the stage name {name!r} is reserved: the kernel ends instances there itself"
-        errors.append(_error(loc, "reserved_stage", message, name))
+        errors.append(document_error(loc, "reserved_stage", message, name))
     for step_loc, step in walk_steps(stage.do, (*loc, "do")):
         errors += _step_errors(blueprint, step_loc, step, fields)
     steps = stage.steps()
@@ -336,7 +342,7 @@ def _call_errors(
         if name not in parameters:
             message = f"{step.call} has no parameter {name!r}; its parameters: "
             message += ", ".join(parameters)
-            errors.append(_error(where, "unknown_parameter", message, name))
+            errors.append(document_error(where, "unknown_parameter", message, name))
         elif isinstance(value, FieldRef):
             if value.field not in fields:
                 errors.append(_unknown((*where, "field"), "field", value.field, fields))
@@ -350,7 +356,7 @@ def _call_errors(
             if e["type"] == "missing" and parameter in step.with_:
                 continue  # given as a field, or not a parameter (said above)
             message = f"{step.call} needs {parameter}" if e["type"] == "missing" else e["msg"]
-            errors.append(_error((*loc, "with", *e["loc"]), e["type"], message, e["input"]))
+            errors.append(document_error((*loc, "with", *e["loc"]), e["type"], message, e["input"]))
     return errors
 
 
@@ -371,7 +377,9 @@ def _condition_errors(
                 outcomes = ", ".join(step.step_outcomes) or "none"
                 message = f"step {predicate.step!r} has no outcome {predicate.outcome!r}; "
                 message += f"its outcomes: {outcomes}"
-                return [_error((*loc, "outcome"), "unknown_outcome", message, predicate.outcome)]
+                return [
+                    document_error((*loc, "outcome"), "unknown_outcome", message, predicate.outcome)
+                ]
             return []
         case FieldIs():
             spec = fields.get(predicate.field)
@@ -379,7 +387,7 @@ def _condition_errors(
                 return [_unknown((*loc, "field"), "field", predicate.field, fields)]
             op, value = predicate.comparison
             problem = _comparison_error(spec, op, value)
-            return [_error((*loc, op), "comparison", problem, value)] if problem else []
+            return [document_error((*loc, op), "comparison", problem, value)] if problem else []
         case VisitsAtLeast():
             if predicate.visits not in blueprint.stages:
                 return [_unknown((*loc, "visits"), "stage", predicate.visits, blueprint.stages)]
@@ -406,7 +414,7 @@ def _sla_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
     for i, sla in enumerate(blueprint.sla):
         if sla.name in names:
             message = f"another SLA is named {sla.name!r}"
-            errors.append(_error(("sla", i, "name"), "duplicate", message, sla.name))
+            errors.append(document_error(("sla", i, "name"), "duplicate", message, sla.name))
         names.add(sla.name)
         if sla.from_ not in blueprint.stages:
             errors.append(_unknown(("sla", i, "from"), "stage", sla.from_, blueprint.stages))
@@ -448,7 +456,7 @@ def _business_time_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
             continue
         if calendar is None:
             message = "business_time needs the blueprint's calendar"
-            errors.append(_error((*loc, "business_time"), "no_calendar", message, True))
+            errors.append(document_error((*loc, "business_time"), "no_calendar", message, True))
             continue
         if isinstance(timed, Timers):
             hours = day_minutes(calendar) / 60
@@ -459,7 +467,7 @@ def _business_time_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
             if isinstance(span, BusinessDuration) and not due_always_exists(calendar, span):
                 message = f"{span} is too long for the calendar: it has too little working "
                 message += "time to be sure of a due within 20 years"
-                errors.append(_error((*loc, *span_loc), "too_long", message, str(span)))
+                errors.append(document_error((*loc, *span_loc), "too_long", message, str(span)))
     return errors
 
 
@@ -550,7 +558,7 @@ def _reach_errors(
         reachable = _reachable(successors, blueprint.start)
         message = f"unreachable: no then or on_max_visits leads here from start ({blueprint.start})"
         errors += [
-            _error(("stages", name), "unreachable", message, name)
+            document_error(("stages", name), "unreachable", message, name)
             for name in blueprint.stages
             if name not in reachable
         ]
@@ -564,7 +572,7 @@ def _reach_errors(
             ending |= _reachable(predecessors, name)
     message = "no end stage can be reached from here: an instance here could never end"
     errors += [
-        _error(("stages", name), "no_end", message, name)
+        document_error(("stages", name), "no_end", message, name)
         for name in blueprint.stages
         if name not in ending
     ]
@@ -601,7 +609,7 @@ def _loop_errors(
         else:
             message = f"stages {', '.join(stages)} loop without a bound: an entry past a "
             message += "stage's max_visits goes on_max_visits back into them"
-        errors.append(_error(("stages", stages[0]), "unbounded_loop", message, stages[0]))
+        errors.append(document_error(("stages", stages[0]), "unbounded_loop", message, stages[0]))
     return errors
 
 
@@ -618,7 +626,9 @@ def _redirect_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
         ):
             message = f"on_max_visits comes back here ({' -> '.join([*chain, name])}): an "
             message += "entry past every max_visits would have nowhere to go"
-            errors.append(_error(("stages", name, "on_max_visits"), "redirect_loop", message, name))
+            errors.append(
+                document_error(("stages", name, "on_max_visits"), "redirect_loop", message, name)
+            )
     return errors
 
 
@@ -725,7 +735,7 @@ def _budget_errors(
             message = f"the worst case is about {total:,} history {what} ({stages}), over the "
             message += f"budget of {budget:,} (Temporal's limit: {limit:,}): lower max_visits, "
             message += "or split the process"
-            errors.append(_error(("stages",), "over_budget", message, total))
+            errors.append(document_error(("stages",), "over_budget", message, total))
     return errors
 
 

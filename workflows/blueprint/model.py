@@ -64,12 +64,12 @@ from workflows.policy import (
     MAX_ROLES,
     MAX_TIERS,
     TimerDuration,
-    _error,
-    _printable,
-    _refuse,
-    _show,
-    _timer_iso,
-    _unique,
+    document_error,
+    document_refusal,
+    printable_name,
+    show_value,
+    timer_iso,
+    unique_names,
 )
 
 # names of processes, stages, steps, fields, outcomes and events; roles are kebab-case, as
@@ -102,7 +102,7 @@ def _snake_case(name: str) -> str:
     if not re.fullmatch(NAME_PATTERN, name):
         raise PydanticCustomError(
             "name",
-            f"{_show(name)} is not a name: snake_case (a-z, 0-9 and _, starting with a "
+            f"{show_value(name)} is not a name: snake_case (a-z, 0-9 and _, starting with a "
             f"letter), at most {MAX_NAME} characters",
         )
     return name
@@ -112,7 +112,7 @@ def _kebab_case(role: str) -> str:
     if len(role) > MAX_NAME or not re.fullmatch(ROLE_PATTERN, role):
         raise PydanticCustomError(
             "role_name",
-            f"{_show(role)} is not a role name: kebab-case (a-z, 0-9 and -, e.g. "
+            f"{show_value(role)} is not a role name: kebab-case (a-z, 0-9 and -, e.g. "
             f"service-manager), at most {MAX_NAME} characters",
         )
     return role
@@ -123,7 +123,7 @@ def _regex(pattern: str) -> str:
         re.compile(pattern)
     except re.error as err:
         raise PydanticCustomError(
-            "pattern", f"{_show(pattern)} is not a regular expression: {err}"
+            "pattern", f"{show_value(pattern)} is not a regular expression: {err}"
         ) from None
     return pattern
 
@@ -156,7 +156,7 @@ def _plain_number(number: Decimal) -> str:
 
 Name = Annotated[str, AfterValidator(_snake_case)]
 Role = Annotated[str, AfterValidator(_kebab_case)]
-Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE), AfterValidator(_printable)]
+Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE), AfterValidator(printable_name)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Scalar = Annotated[bool | int | float | str, BeforeValidator(_plain_value)]
 # numbers of thresholds and bounds: exact, shown without exponent or trailing zeros
@@ -167,8 +167,12 @@ Number = Annotated[
     PlainSerializer(_plain_number, when_used="json"),
 ]
 Amount = Annotated[Number, Field(ge=0)]
-Names = Annotated[list[Name], Field(min_length=1, max_length=MAX_OUTCOMES), AfterValidator(_unique)]
-Roles = Annotated[list[Role], Field(min_length=1, max_length=MAX_ROLES), AfterValidator(_unique)]
+Names = Annotated[
+    list[Name], Field(min_length=1, max_length=MAX_OUTCOMES), AfterValidator(unique_names)
+]
+Roles = Annotated[
+    list[Role], Field(min_length=1, max_length=MAX_ROLES), AfterValidator(unique_names)
+]
 
 
 class FrozenModel(BaseModel):
@@ -184,7 +188,7 @@ class BlueprintModel(FrozenModel):
 
 def _check(title: str, errors: list[InitErrorDetails]) -> None:
     if errors:
-        raise _refuse(title, errors)
+        raise document_refusal(title, errors)
 
 
 def _given(model: BaseModel, *keys: str) -> list[str]:
@@ -207,7 +211,7 @@ def _business_spans(*keys: str) -> Callable[[Any], Any]:
                     data[key] = BusinessDuration.parse(data[key])
                 except ValidationError as err:
                     e = err.errors()[0]
-                    errors.append(_error((key,), e["type"], e["msg"], data[key]))
+                    errors.append(document_error((key,), e["type"], e["msg"], data[key]))
         _check("business time", errors)
         return data
 
@@ -218,7 +222,7 @@ def _kind_errors(model: WaitSpec | StageSla, keys: Sequence[str]) -> list[InitEr
     """Durations of the wrong kind for the model's `business_time`."""
     spans = [((key,), getattr(model, key)) for key in keys if getattr(model, key) is not None]
     return [
-        _error(loc, "timer_kind", message, str(getattr(model, str(loc[0]))))
+        document_error(loc, "timer_kind", message, str(getattr(model, str(loc[0]))))
         for loc, message in timer_kind_errors(model.business_time, spans)
     ]
 
@@ -243,7 +247,9 @@ class FieldSpec(BlueprintModel):
     max: Number | None = None
     max_length: int | None = Field(None, ge=1, le=MAX_INPUT_LENGTH)
     options: (
-        Annotated[list[Title], Field(min_length=1, max_length=MAX_OPTIONS), AfterValidator(_unique)]
+        Annotated[
+            list[Title], Field(min_length=1, max_length=MAX_OPTIONS), AfterValidator(unique_names)
+        ]
         | None
     ) = None
 
@@ -257,20 +263,26 @@ class FieldSpec(BlueprintModel):
             "options": ("choice",),
         }
         errors = [
-            _error((key,), "not_for_type", f"{key} does not apply to a {self.type} field", None)
+            document_error(
+                (key,), "not_for_type", f"{key} does not apply to a {self.type} field", None
+            )
             for key, types in allowed.items()
             if getattr(self, key) is not None and self.type not in types
         ]
         if self.type == "choice" and self.options is None:
-            errors.append(_error(("options",), "missing", "a choice field needs options", None))
+            errors.append(
+                document_error(("options",), "missing", "a choice field needs options", None)
+            )
         for key in ("min", "max"):
             bound = getattr(self, key)
             if self.type == "int" and bound is not None and bound != bound.to_integral_value():
-                errors.append(_error((key,), "not_int", f"{key} of an int field is whole", 0))
+                errors.append(
+                    document_error((key,), "not_int", f"{key} of an int field is whole", 0)
+                )
         if self.min is not None and self.max is not None and self.min > self.max:
             message = f"min ({_plain_number(self.min)}) is greater than max "
             message += f"({_plain_number(self.max)})"
-            errors.append(_error(("max",), "bounds_order", message, str(self.max)))
+            errors.append(document_error(("max",), "bounds_order", message, str(self.max)))
         _check("FieldSpec", errors)
         return self
 
@@ -306,13 +318,13 @@ class Timers(BlueprintModel):
         spans = [(loc, span) for loc, _, span in self.spans()]
         values = dict(spans)
         errors = [
-            _error(loc, "timer_kind", message, str(values[loc]))
+            document_error(loc, "timer_kind", message, str(values[loc]))
             for loc, message in timer_kind_errors(self.business_time, spans)
         ]
         _check("Timers", errors)
         if self.on_deadline is not None and self.deadline is None:
             message = "on_deadline is the outcome at the deadline: give the deadline"
-            errors.append(_error(("deadline",), "missing", message, None))
+            errors.append(document_error(("deadline",), "missing", message, None))
         if not self.business_time:
             errors += self.order_errors(lambda span: span)
         _check("Timers", errors)
@@ -340,10 +352,10 @@ class Timers(BlueprintModel):
             if length(later) < length(earlier) or (
                 length(later) == length(earlier) and not at_deadline
             ):
-                message = f"{what} ({_timer_iso(later)}) must come after {before} "
-                message += f"({_timer_iso(earlier)}): reminder, "
+                message = f"{what} ({timer_iso(later)}) must come after {before} "
+                message += f"({timer_iso(earlier)}): reminder, "
                 message += f"escalations earliest first, then the deadline{terms}"
-                errors.append(_error(loc, "timer_order", message, _timer_iso(later)))
+                errors.append(document_error(loc, "timer_order", message, timer_iso(later)))
         return errors
 
 
@@ -499,7 +511,7 @@ class TaskStep(StepModel):
     )
     fields: Fields = Field(default_factory=dict)
     outcomes: Names
-    required: dict[Name, Annotated[list[Name], AfterValidator(_unique)]] = Field(
+    required: dict[Name, Annotated[list[Name], AfterValidator(unique_names)]] = Field(
         default_factory=dict, description="outcome -> fields that must be filled in for it"
     )
     four_eyes: bool = Field(True, description="the requester may not decide the task")
@@ -512,10 +524,10 @@ class TaskStep(StepModel):
             key = "roles" if self.roles is None else "assignee"
             message = "a task is for roles or for an assignee"
             message += ", not both" if self.roles is not None else ""
-            errors.append(_error((key,), "task_actor", message, None))
+            errors.append(document_error((key,), "task_actor", message, None))
         if COMMENT in self.fields:
             message = f"{COMMENT} is every task's own field: give this one another name"
-            errors.append(_error(("fields", COMMENT), "reserved", message, COMMENT))
+            errors.append(document_error(("fields", COMMENT), "reserved", message, COMMENT))
         for outcome, names in self.required.items():
             if outcome not in self.outcomes:
                 errors.append(_not_outcome(("required", outcome), outcome, self.outcomes))
@@ -523,10 +535,12 @@ class TaskStep(StepModel):
                 if name not in self.fields and name != COMMENT:
                     known = ", ".join([*self.fields, COMMENT])
                     message = f"the task has no field {name!r}; its fields: {known}"
-                    errors.append(_error(("required", outcome, i), "unknown_field", message, name))
+                    errors.append(
+                        document_error(("required", outcome, i), "unknown_field", message, name)
+                    )
         if self.timers and self.timers.deadline is not None and self.timers.on_deadline is None:
             message = "a deadline needs on_deadline, the outcome the task closes with then"
-            errors.append(_error(("timers", "on_deadline"), "missing", message, None))
+            errors.append(document_error(("timers", "on_deadline"), "missing", message, None))
         on_deadline = self.timers.on_deadline if self.timers else None
         if on_deadline is not None and on_deadline not in self.outcomes:
             errors.append(_not_outcome(("timers", "on_deadline"), on_deadline, self.outcomes))
@@ -540,7 +554,7 @@ class TaskStep(StepModel):
 
 def _not_outcome(loc: Loc, outcome: str, outcomes: Sequence[str]) -> InitErrorDetails:
     message = f"{outcome!r} is not an outcome of the task; its outcomes: {', '.join(outcomes)}"
-    return _error(loc, "unknown_outcome", message, outcome)
+    return document_error(loc, "unknown_outcome", message, outcome)
 
 
 class ApprovalTier(BlueprintModel):
@@ -560,13 +574,19 @@ class ApprovalTier(BlueprintModel):
     def _k_fits(self) -> Self:
         n = len(self.roles)
         if self.mode == "k_of_n" and self.k is None:
-            raise _refuse("ApprovalTier", [_error(("k",), "missing", "k_of_n needs k", None)])
+            raise document_refusal(
+                "ApprovalTier", [document_error(("k",), "missing", "k_of_n needs k", None)]
+            )
         if self.mode == "k_of_n" and self.k is not None and self.k > n:
             message = f"k ({self.k}) exceeds the {n} roles of the level: it could never approve"
-            raise _refuse("ApprovalTier", [_error(("k",), "k_too_large", message, self.k)])
+            raise document_refusal(
+                "ApprovalTier", [document_error(("k",), "k_too_large", message, self.k)]
+            )
         if self.mode != "k_of_n" and self.k is not None:
             message = f"k applies to mode k_of_n only, not {self.mode}"
-            raise _refuse("ApprovalTier", [_error(("k",), "k_unused", message, self.k)])
+            raise document_refusal(
+                "ApprovalTier", [document_error(("k",), "k_unused", message, self.k)]
+            )
         return self
 
 
@@ -587,15 +607,17 @@ class ApprovalStep(StepModel):
         for i, level in enumerate(self.levels):
             if self.amount_field is None and level.min_amount:
                 message = "a threshold needs the approval's amount_field"
-                errors.append(_error(("levels", i, "min_amount"), "no_amount", message, 0))
+                errors.append(document_error(("levels", i, "min_amount"), "no_amount", message, 0))
             elif self.amount_field and i and level.min_amount <= self.levels[i - 1].min_amount:
                 previous = _plain_number(self.levels[i - 1].min_amount)
                 message = f"min_amount {_plain_number(level.min_amount)} must be greater than "
                 message += f"the previous level's {previous} (levels go lowest first)"
-                errors.append(_error(("levels", i, "min_amount"), "tier_order", message, 0))
+                errors.append(document_error(("levels", i, "min_amount"), "tier_order", message, 0))
         if self.timers and self.timers.on_deadline is not None:
             message = "an approval past its deadline ends timed_out: no on_deadline"
-            errors.append(_error(("timers", "on_deadline"), "not_for_approval", message, None))
+            errors.append(
+                document_error(("timers", "on_deadline"), "not_for_approval", message, None)
+            )
         _check("ApprovalStep", errors)
         return self
 
@@ -662,12 +684,14 @@ class WaitSpec(BlueprintModel):
         errors = _kind_errors(self, ("after", "timeout"))
         if self.event is not None and self.timeout is None:
             message = "an event wait needs a timeout: without one an instance may wait forever"
-            errors.append(_error(("timeout",), "missing", message, None))
+            errors.append(document_error(("timeout",), "missing", message, None))
         if self.event is None and self.timeout is not None:
-            errors.append(_error(("timeout",), "timeout_unused", "timeout is for events", None))
+            errors.append(
+                document_error(("timeout",), "timeout_unused", "timeout is for events", None)
+            )
         if self.business_time and self.until is not None:
             message = "business_time is for durations, not a date"
-            errors.append(_error(("business_time",), "not_for_until", message, True))
+            errors.append(document_error(("business_time",), "not_for_until", message, True))
         _check("WaitSpec", errors)
         return self
 
@@ -803,10 +827,14 @@ class Rule(BlueprintModel):
     def _shape(self) -> Self:
         if self.otherwise is None and (self.when is None or self.go is None):
             key = "when" if self.when is None else "go"
-            raise _refuse("Rule", [_error((key,), "missing", "a rule is {when, go}", None)])
+            raise document_refusal(
+                "Rule", [document_error((key,), "missing", "a rule is {when, go}", None)]
+            )
         if self.otherwise is not None and (self.when is not None or self.go is not None):
             message = "otherwise stands alone: {otherwise: <stage>}"
-            raise _refuse("Rule", [_error(("otherwise",), "otherwise_alone", message, None)])
+            raise document_refusal(
+                "Rule", [document_error(("otherwise",), "otherwise_alone", message, None)]
+            )
         return self
 
     @property
@@ -820,8 +848,8 @@ class End(BlueprintModel):
     """The instance ends here with `outcome`; the `required` fields must be filled in."""
 
     outcome: Name
-    required: Annotated[list[Name], Field(max_length=MAX_FIELDS), AfterValidator(_unique)] = Field(
-        default_factory=list
+    required: Annotated[list[Name], Field(max_length=MAX_FIELDS), AfterValidator(unique_names)] = (
+        Field(default_factory=list)
     )
 
 
@@ -861,29 +889,29 @@ class Stage(BlueprintModel):
             key = "on_max_visits" if self.max_visits is not None else "max_visits"
             message = "max_visits and on_max_visits go together: the bound, and where the "
             message += "entry after the last goes"
-            errors.append(_error((key,), "missing", message, None))
+            errors.append(document_error((key,), "missing", message, None))
         errors += self._duplicate_steps()
         _check("Stage", errors)
         return self
 
     def _end_errors(self) -> list[InitErrorDetails]:
         return [
-            _error((key,), "end_stage", f"an end stage only ends: no {key}", None)
+            document_error((key,), "end_stage", f"an end stage only ends: no {key}", None)
             for key in ("do", "then", "max_visits", "on_max_visits", "sla")
             if key in self.model_fields_set
         ]
 
     def _then_errors(self) -> list[InitErrorDetails]:
         if self.then is None:
-            return [_error(("then",), "missing", "a stage needs then (or end)", None)]
+            return [document_error(("then",), "missing", "a stage needs then (or end)", None)]
         errors = [
-            _error((i,), "otherwise_last", "only the last rule is {otherwise}", None)
+            document_error((i,), "otherwise_last", "only the last rule is {otherwise}", None)
             for i, rule in enumerate(self.then[:-1])
             if rule.otherwise is not None
         ]
         if self.then[-1].otherwise is None:
             message = "the last rule is {otherwise: <stage>}: some rule must always apply"
-            errors.append(_error((len(self.then) - 1,), "otherwise_missing", message, None))
+            errors.append(document_error((len(self.then) - 1,), "otherwise_missing", message, None))
         return [{**e, "loc": ("then", *e["loc"])} for e in errors]
 
     def _duplicate_steps(self) -> list[InitErrorDetails]:
@@ -896,7 +924,9 @@ class Stage(BlueprintModel):
             if name in seen:
                 message = f"a step named {name!r} is already in this stage (at "
                 message += f"{'.'.join(map(str, seen[name]))}): step names are unique in a stage"
-                errors.append(_error((*loc, *name_loc(step)), "duplicate_step", message, name))
+                errors.append(
+                    document_error((*loc, *name_loc(step)), "duplicate_step", message, name)
+                )
             seen.setdefault(name, loc)
         return errors
 
@@ -921,7 +951,7 @@ class Event(BlueprintModel):
 
     description: Text | None = None
     fields: Fields = Field(default_factory=dict)
-    roles: Annotated[list[Role], Field(max_length=MAX_ROLES), AfterValidator(_unique)] = Field(
+    roles: Annotated[list[Role], Field(max_length=MAX_ROLES), AfterValidator(unique_names)] = Field(
         default_factory=list, description="who may report it; none: any signed-in user"
     )
 
