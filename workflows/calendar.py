@@ -91,8 +91,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
+from pydantic_core import PydanticCustomError, core_schema
 from temporalio import workflow
+
+from workflows.documents import Loc, document_error, document_refusal, show_value
 
 with workflow.unsafe.imports_passed_through():
     # its country modules are loaded lazily and its names from gettext catalogues (files):
@@ -121,15 +123,9 @@ class CalendarError(ValueError):
     """`due` cannot answer: a naive start, or no due within MAX_SPAN_DAYS of the start."""
 
 
-def _refuse(title: str, loc: tuple[str | int, ...], kind: str, message: str, value: Any):
+def _refuse(title: str, loc: Loc, kind: str, message: str, value: Any) -> ValidationError:
     """A validation error at `loc`, relative to the value being validated."""
-    error = InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
-    return ValidationError.from_exception_data(title, [error])
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return document_refusal(title, [document_error(loc, kind, message, value)])
 
 
 # ----------------------------------------------------------------------------- durations
@@ -157,15 +153,15 @@ class BusinessDuration(BaseModel):
         if match is None:
             raise PydanticCustomError(
                 "business_duration",
-                f"{_show(data)} is not a business duration: write it in ISO 8601 with days (D), "
-                f"hours (H) and minutes (M), e.g. {', '.join(DURATION_EXAMPLES)}",
+                f"{show_value(data)} is not a business duration: write it in ISO 8601 with days "
+                f"(D), hours (H) and minutes (M), e.g. {', '.join(DURATION_EXAMPLES)}",
             )
         days = int(match["days"] or 0)
         minutes = int(match["hours"] or 0) * 60 + int(match["minutes"] or 0)
         if days > MAX_BUSINESS_DAYS or minutes > MAX_BUSINESS_MINUTES:
             raise PydanticCustomError(
                 "business_duration_too_long",
-                f"{_show(data)} is too long: at most {MAX_BUSINESS_DAYS} business days and "
+                f"{show_value(data)} is too long: at most {MAX_BUSINESS_DAYS} business days and "
                 f"{MAX_BUSINESS_MINUTES // 60} business hours",
             )
         return {"days": days, "minutes": minutes}
@@ -256,7 +252,7 @@ class HolidaySource(BaseModel):
         if country not in holidays.registry.EntityLoader.get_country_codes(include_aliases=True):
             raise PydanticCustomError(
                 "unknown_country",
-                f"the holidays library knows no country {_show(country)}; use an ISO 3166-1 "
+                f"the holidays library knows no country {show_value(country)}; use an ISO 3166-1 "
                 "code such as RO, US or DE",
             )
         return country
@@ -283,7 +279,7 @@ class HolidaySource(BaseModel):
             known = entity_class.subdivisions
             listed = ", ".join(known) if known else "none"
             message = (
-                f"the holidays library knows no subdivision {_show(self.subdivision)} of "
+                f"the holidays library knows no subdivision {show_value(self.subdivision)} of "
                 f"{self.country}; known: {listed}"
             )
             raise _refuse(
@@ -383,7 +379,7 @@ class BusinessCalendar(BaseModel):
         except ValidationError:
             raise PydanticCustomError(
                 "unknown_timezone",
-                f"{_show(name)} is not an IANA time zone (e.g. Europe/Bucharest, UTC)",
+                f"{show_value(name)} is not an IANA time zone (e.g. Europe/Bucharest, UTC)",
             ) from None
         return name
 

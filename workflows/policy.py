@@ -60,6 +60,7 @@ from workflows.calendar import (
     day_minutes,
     due_always_exists,
 )
+from workflows.documents import Loc, document_error, document_refusal, show_value
 from workflows.human_task import (
     DURATION_KEYS,
     Escalation,
@@ -87,18 +88,6 @@ ISO_4217_CODES: frozenset[str] = frozenset(c.alpha_3 for c in pycountry.currenci
 STRICT = "strict"
 _KNOWN_ERROR_TYPES: frozenset[str] = frozenset(get_args(ErrorType))
 
-Loc = tuple[str | int, ...]
-
-
-def document_error(loc: Loc, kind: str, message: str, value: object) -> InitErrorDetails:
-    # no context: the message is used as it is (a role or tier name may contain braces)
-    return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
-
-
-def document_refusal(title: str, errors: list[InitErrorDetails]) -> ValidationError:
-    """Errors at locations relative to the value being validated (pydantic prefixes the rest)."""
-    return ValidationError.from_exception_data(title, errors)
-
 
 def _again(e: ErrorDetails) -> InitErrorDetails:
     """An error pydantic reported, to be raised again together with others."""
@@ -108,11 +97,6 @@ def _again(e: ErrorDetails) -> InitErrorDetails:
             details["ctx"] = e["ctx"]
         return details
     return document_error(e["loc"], e["type"], e["msg"], e["input"])
-
-
-def show_value(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ----------------------------------------------------------------------------- value types

@@ -63,8 +63,8 @@ from workflows.blueprint.model import (
     walk_steps,
 )
 from workflows.calendar import BusinessDuration, business_minutes, day_minutes, due_always_exists
+from workflows.documents import document_error, document_refusal, show_value
 from workflows.kernel import HumanProcess
-from workflows.policy import document_error, document_refusal, show_value
 
 # Temporal refuses a history beyond 51,200 events and 2,000 updates; a blueprint stays well
 # under both in its worst case (the kernel continues as new long before, when Temporal says so)

@@ -58,16 +58,14 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workflows.approval import APPROVAL_OUTCOMES
 from workflows.calendar import BusinessCalendar, BusinessDuration
+from workflows.documents import document_error, document_refusal, show_value
 from workflows.human_task import TIMED_OUT, read_business_durations, timer_kind_errors
 from workflows.policy import (
     MAX_AMOUNT,
     MAX_ROLES,
     MAX_TIERS,
     TimerDuration,
-    document_error,
-    document_refusal,
     printable_name,
-    show_value,
     timer_iso,
     unique_names,
 )
