@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
+from workflows.documents import document_error, document_refusal
 from workflows.human_task import TIMED_OUT, HumanTask
 
 if TYPE_CHECKING:  # policy.py builds its chains with approval_chain
@@ -39,6 +40,21 @@ class ApprovalLevel(BaseModel):
             return len(self.roles)
         assert self.k is not None
         return self.k
+
+
+def check_quorum(mode: str, k: int | None, n: int, *, missing: str, too_large: str) -> None:
+    """Refuse (at `k`) a k-of-n level without k or with more than its n roles, and a k on any
+    other mode; `missing` is the error type of a missing k, `too_large` ends its message."""
+    if mode == "k_of_n" and k is None:
+        raise document_refusal(
+            "ApprovalTier", [document_error(("k",), missing, "k_of_n needs k", None)]
+        )
+    if mode == "k_of_n" and k is not None and k > n:
+        message = f"k ({k}) exceeds the {n} roles of {too_large}"
+        raise document_refusal("ApprovalTier", [document_error(("k",), "k_too_large", message, k)])
+    if mode != "k_of_n" and k is not None:
+        message = f"k applies to mode k_of_n only, not {mode}"
+        raise document_refusal("ApprovalTier", [document_error(("k",), "k_unused", message, k)])
 
 
 def approval_chain(tiers: list[ApprovalTier], amount: Decimal) -> list[ApprovalLevel]:

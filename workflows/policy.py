@@ -52,7 +52,7 @@ from pydantic_core.core_schema import ErrorType
 from temporalio import workflow
 
 from core.roles import KNOWN_ROLES
-from workflows.approval import approval_chain
+from workflows.approval import approval_chain, check_quorum
 from workflows.calendar import (
     BusinessCalendar,
     BusinessDuration,
@@ -269,20 +269,7 @@ class ApprovalTier(PolicyModel):
 
     @model_validator(mode="after")
     def _k_fits(self) -> Self:
-        if self.mode == "k_of_n" and self.k is None:
-            raise document_refusal(
-                "ApprovalTier", [document_error(("k",), "k_missing", "k_of_n needs k", None)]
-            )
-        if self.mode == "k_of_n" and self.k is not None and self.k > len(self.roles):
-            message = f"k ({self.k}) exceeds the {len(self.roles)} roles of the tier"
-            raise document_refusal(
-                "ApprovalTier", [document_error(("k",), "k_too_large", message, self.k)]
-            )
-        if self.mode != "k_of_n" and self.k is not None:
-            message = f"k applies to mode k_of_n only, not {self.mode}"
-            raise document_refusal(
-                "ApprovalTier", [document_error(("k",), "k_unused", message, self.k)]
-            )
+        check_quorum(self.mode, self.k, len(self.roles), missing="k_missing", too_large="the tier")
         return self
 
 

@@ -243,13 +243,7 @@ async def test_the_worker_runs_and_reconciles_every_registered_type(
     assert {REVIEW.name, TINY, "sales_order"} <= set(types_worker.reconciler.process_types)
     assert {"approved", "cancelled", REVIEWED} <= types_worker.reconciler.final_stages
     doc_no = f"W-{uuid.uuid4().hex[:10].upper()}"
-    handle = await client.start_workflow(
-        ReviewWorkflow.run,
-        ReviewInput(doc_no=doc_no, title="Handbook", requester="alice"),
-        id=review_workflow_id(doc_no),
-        task_queue=task_queue,
-    )
-    [task] = (await handle.execute_update(ReviewWorkflow.settle)).pending_tasks
+    handle, task = await _review_task(client, task_queue, doc_no)
     decided = await handle.execute_update(
         ReviewWorkflow.decide,
         DecideInput(
@@ -260,6 +254,18 @@ async def test_the_worker_runs_and_reconciles_every_registered_type(
     )
     assert decided.stage == "approved"
     assert await handle.result() == "approved"
+
+
+async def _review_task(client: Client, task_queue: str, doc_no: str):
+    """A document review started straight on the worker, and its first task once settled."""
+    handle = await client.start_workflow(
+        ReviewWorkflow.run,
+        ReviewInput(doc_no=doc_no, title="Handbook", requester="alice"),
+        id=review_workflow_id(doc_no),
+        task_queue=task_queue,
+    )
+    [task] = (await handle.execute_update(ReviewWorkflow.settle)).pending_tasks
+    return handle, task
 
 
 async def _tiny_task(
@@ -305,13 +311,7 @@ async def test_a_task_of_another_process_type_is_decided_by_that_types_workflow(
     types_api: Api, client: Client, task_queue: str
 ):
     doc_no = f"D-{uuid.uuid4().hex[:10].upper()}"
-    handle = await client.start_workflow(
-        ReviewWorkflow.run,
-        ReviewInput(doc_no=doc_no, title="Handbook", requester="alice"),
-        id=review_workflow_id(doc_no),
-        task_queue=task_queue,
-    )
-    [task] = (await handle.execute_update(ReviewWorkflow.settle)).pending_tasks
+    handle, task = await _review_task(client, task_queue, doc_no)
     inbox = (await types_api.get("/tasks", "mike")).json()  # projected by the kernel
     [row] = [t for t in inbox["items"] if t["task_id"] == task.task_id]
     assert (row["process_type"], row["business_key"]) == (REVIEW.name, doc_no)

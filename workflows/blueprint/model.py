@@ -56,7 +56,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from workflows.approval import APPROVAL_OUTCOMES
+from workflows.approval import APPROVAL_OUTCOMES, check_quorum
 from workflows.calendar import BusinessCalendar, BusinessDuration
 from workflows.documents import document_error, document_refusal, show_value
 from workflows.human_task import TIMED_OUT, read_business_durations, timer_kind_errors
@@ -570,21 +570,8 @@ class ApprovalTier(BlueprintModel):
 
     @model_validator(mode="after")
     def _k_fits(self) -> Self:
-        n = len(self.roles)
-        if self.mode == "k_of_n" and self.k is None:
-            raise document_refusal(
-                "ApprovalTier", [document_error(("k",), "missing", "k_of_n needs k", None)]
-            )
-        if self.mode == "k_of_n" and self.k is not None and self.k > n:
-            message = f"k ({self.k}) exceeds the {n} roles of the level: it could never approve"
-            raise document_refusal(
-                "ApprovalTier", [document_error(("k",), "k_too_large", message, self.k)]
-            )
-        if self.mode != "k_of_n" and self.k is not None:
-            message = f"k applies to mode k_of_n only, not {self.mode}"
-            raise document_refusal(
-                "ApprovalTier", [document_error(("k",), "k_unused", message, self.k)]
-            )
+        too_large = "the level: it could never approve"
+        check_quorum(self.mode, self.k, len(self.roles), missing="missing", too_large=too_large)
         return self
 
 
