@@ -1,4 +1,5 @@
-"""The procflow worker: runs every process workflow and its activities on one task queue.
+"""The procflow worker: runs every process workflow (and the blueprint interpreter, which runs
+every published blueprint) and their activities on one task queue.
 
 `python worker.py` reads its settings from PROCFLOW_* environment variables; run as many
 copies as you like against the same Temporal server and database to scale out.
@@ -17,6 +18,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.blueprint_calls import BlueprintCallActivities
 from activities.mail import SmtpSender
 from activities.notifications import MailDispatcher, NotificationActivities
 from activities.payments import PaymentActivities, PaymentProvider, SandboxPaymentProvider
@@ -106,6 +108,7 @@ def build_worker(
     notifications = NotificationActivities(session_factory, sender)
     payments = PaymentActivities(provider, session_factory)
     warehouse = WarehouseActivities(session_factory)
+    calls = BlueprintCallActivities(session_factory, mail_queued=dispatcher.wake)
     worker = Worker(
         client,
         task_queue=task_queue,
@@ -122,6 +125,7 @@ def build_worker(
             warehouse.release_stock,
             warehouse.ship_order,
             warehouse.issue_invoice,
+            *calls.all(),
         ],
         **worker_options,
     )

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities.background import BackgroundLoop
-from activities.records import _insert_or_ignore
+from activities.records import insert_or_ignore
 from core.db import AuditEntry, Order, ProcessInstance, StageVisit, TaskRow, utcnow
 from core.temporal import PROCESS_TYPE
 
@@ -183,7 +183,7 @@ async def apply_abnormal_end(
         if instance_closed or order_no is not None or closed or await _known(session, end):
             audited = (
                 await session.scalar(
-                    _insert_or_ignore(session, AuditEntry)
+                    insert_or_ignore(session, AuditEntry)
                     .values(
                         event_key=end.event_key,
                         workflow_id=wid,

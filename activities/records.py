@@ -145,7 +145,7 @@ async def _apply_batch(session: AsyncSession, batch: ProjectionBatch) -> None:
     if batch.mails:
         recipients = await resolve_recipients(session, batch.mails)
         await session.execute(
-            _insert_or_ignore(session, OutboxMessage), outbox_rows(batch.mails, recipients)
+            insert_or_ignore(session, OutboxMessage), outbox_rows(batch.mails, recipients)
         )
 
 
@@ -221,7 +221,7 @@ def _upsert(session: AsyncSession, model: type[Base]) -> postgresql.Insert | sql
     raise NotImplementedError(f"read-model writes are not implemented for {dialect}")
 
 
-def _insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
+def insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
     """INSERT ... ON CONFLICT DO NOTHING: of concurrent writers of one key the first wins and
     the others wait for it and write nothing (a check-then-insert races on PostgreSQL)."""
     return _upsert(session, model).on_conflict_do_nothing()
@@ -258,7 +258,7 @@ async def _upsert_instance(session: AsyncSession, record: InstanceRecord) -> boo
     """Insert the instance or apply a newer revision of it; whether the record was applied."""
     values = _instance_values(record)
     inserted = await session.execute(
-        _insert_or_ignore(session, ProcessInstance)
+        insert_or_ignore(session, ProcessInstance)
         .values(**values)
         .returning(ProcessInstance.workflow_id)
     )
@@ -301,7 +301,7 @@ async def _instance_from_order(
     stage_name = stage.stage if stage is not None else record.stage
     status = _instance_status(stage_name)
     await session.execute(
-        _insert_or_ignore(session, ProcessInstance).values(
+        insert_or_ignore(session, ProcessInstance).values(
             workflow_id=record.workflow_id,
             process_type=SALES_ORDER,
             business_key=record.order_no,
@@ -375,13 +375,13 @@ async def _insert_order(
     elif stage is not None and stage.order_no == record.order_no:
         values["created_at"] = values["updated_at"] = stage.at
     inserted = await session.execute(
-        _insert_or_ignore(session, Order).values(**values).returning(Order.order_no)
+        insert_or_ignore(session, Order).values(**values).returning(Order.order_no)
     )
     if inserted.scalar_one_or_none() is None:
         return  # projected before
     if record.lines:
         await session.execute(
-            _insert_or_ignore(session, OrderLine),
+            insert_or_ignore(session, OrderLine),
             [{"order_no": record.order_no, **line.model_dump()} for line in record.lines],
         )
 
@@ -445,7 +445,7 @@ async def _instance_follows_stage(
 async def _upsert_task(session: AsyncSession, snapshot: TaskSnapshot) -> None:
     values = snapshot.model_dump(include=set(_TASK_FIELDS))
     inserted = await session.execute(
-        _insert_or_ignore(session, TaskRow)
+        insert_or_ignore(session, TaskRow)
         .values(task_id=snapshot.task_id, **values)
         .returning(TaskRow.task_id)
     )
@@ -484,7 +484,7 @@ async def _insert_sla_events(session: AsyncSession, events: list[SlaEventRecord]
     unique = {e.event_key: e for e in reversed(events)}  # the first event of a key wins
     if unique:
         await session.execute(
-            _insert_or_ignore(session, SlaEvent),
+            insert_or_ignore(session, SlaEvent),
             [
                 unique[key].model_dump(exclude={"details"})
                 | {"details": unique[key].model_dump(mode="json")["details"]}
@@ -497,6 +497,6 @@ async def _insert_audit(session: AsyncSession, records: list[AuditRecord]) -> No
     unique = {r.event_key: r for r in reversed(records)}  # the first record of a key wins
     if unique:
         await session.execute(
-            _insert_or_ignore(session, AuditEntry),
+            insert_or_ignore(session, AuditEntry),
             [unique[key].model_dump() for key in dict.fromkeys(r.event_key for r in records)],
         )

@@ -162,6 +162,9 @@ class HumanTask(BaseModel):
     kind: str
     candidate_roles: list[str]
     assignee: str | None = None
+    appointed: bool = Field(
+        False, description="the process named the assignee: they may decide it without a role"
+    )
     outcomes: list[str]
     required_fields: dict[str, list[str]] = Field(
         default_factory=dict, description="outcome -> fields that must be non-empty"
@@ -258,6 +261,7 @@ class TaskBoard:
         required_fields: Mapping[str, Sequence[str]] | None = None,
         four_eyes: bool = True,
         calendar: BusinessCalendar | None = None,
+        assignee: str | None = None,
     ) -> HumanTask:
         """Open a task; its timers become instants from `now` (business durations by
         `calendar`: `CalendarError` when there is none or it finds no due, and then nothing
@@ -293,6 +297,8 @@ class TaskBoard:
             name=name,
             kind=kind,
             candidate_roles=list(candidate_roles),
+            assignee=assignee,
+            appointed=assignee is not None,
             outcomes=list(outcomes),
             required_fields={k: list(v) for k, v in (required_fields or {}).items()},
             requester=self.requester,
@@ -363,6 +369,8 @@ class TaskBoard:
                 f"{username} already decided an earlier approval of this process; "
                 "each approval needs another person",
             )
+        if task.appointed and task.assignee == username:
+            return  # the process named them (a blueprint's assignee from the instance)
         if not set(roles) & set(task.candidate_roles):
             raise _refuse(
                 NOT_PERMITTED,
@@ -496,6 +504,7 @@ class TaskBoard:
             task.assignee = None
         else:
             task.assignee = inp.to_user
+        task.appointed = False  # whoever holds it now got it by a person's action
         detail = f"to {inp.to_user or 'the pool'}" if action in ("delegate", "reassign") else ""
         if inp.comment:
             detail = f"{detail} - {inp.comment}".strip(" -")
@@ -535,6 +544,12 @@ class TaskBoard:
             task, TaskEvent(at=now, actor=SYSTEM_ACTOR, action="escalated", detail=f"to {role}")
         )
         return role
+
+    def widen(self, task: HumanTask, role: str, now: datetime, why: str) -> None:
+        """`role` may act on the task too (an SLA's escalation, not one of the task's own)."""
+        if role not in task.candidate_roles:
+            task.candidate_roles.append(role)
+        self._log(task, TaskEvent(at=now, actor=SYSTEM_ACTOR, action="escalated", detail=why))
 
     def remind(self, task: HumanTask, now: datetime) -> None:
         task.reminded = True

@@ -363,6 +363,11 @@ class HumanProcess:
         """Small listable fields of the instance (its read model's `summary`)."""
         return {}
 
+    def definition(self) -> dict[str, str]:
+        """What the instance runs, for its read model: code by default (a blueprint's
+        interpreter names the version)."""
+        return {"definition_kind": "code", "definition_version": ""}
+
     def label(self) -> str:
         """How mails name the instance ("order 1001")."""
         return f"{self.PROCESS_TYPE} {self.rt.business_key}"
@@ -534,11 +539,18 @@ class HumanProcess:
 
     # ================================================================== stages and projection
     async def set_stage(
-        self, stage: str, note: str = "", *, outcome: str | None = None, by: str | None = None
+        self,
+        stage: str,
+        note: str = "",
+        *,
+        outcome: str | None = None,
+        by: str | None = None,
+        again: bool = False,
     ) -> None:
         """Enter a stage: closes the visit of the previous one (outcome and by default to the
-        last decision taken in it), projects the instance, mails (`stage_mail`), writes."""
-        if stage == self.stage and len(self.stages) > 1:
+        last decision taken in it), projects the instance, mails (`stage_mail`), writes. The
+        stage it is in already is entered only `again` (a loop back: another visit)."""
+        if stage == self.stage and len(self.stages) > 1 and not again:
             return
         now = workflow.now()
         self._leave_visit(now, outcome, by)
@@ -576,6 +588,7 @@ class HumanProcess:
             closed_at=entered if ended else None,
             revision=self.rt.revision,
             summary=self.summary(),
+            **self.definition(),
         )
 
     def _visit(self, **changes: Any) -> None:
@@ -633,8 +646,10 @@ class HumanProcess:
         times: TaskTimes,
         required_fields: Mapping[str, Sequence[str]] | None = None,
         four_eyes: bool = True,
+        assignee: str | None = None,
     ) -> HumanTask:
-        """Open a task on the board and put it into the inbox (with the next projection)."""
+        """Open a task on the board and put it into the inbox (with the next projection); with
+        an `assignee`, for that user (who must still hold one of `roles` to decide it)."""
         if kind not in self.TASK_KINDS:
             raise ValueError(f"task kind {kind!r} is not one of {sorted(self.TASK_KINDS)}")
         try:
@@ -648,6 +663,7 @@ class HumanProcess:
                 required_fields=required_fields,
                 four_eyes=four_eyes,
                 calendar=self.calendar,
+                assignee=assignee,
             )
         except CalendarError as err:
             raise _calendar_failure(f"task {name!r}", err) from None
@@ -662,33 +678,45 @@ class HumanProcess:
         self.rt.board.close(task, outcome, actor, workflow.now(), comment=comment)
         self.rt.task_changed(task)
 
+    async def open_level(
+        self, level: ApprovalLevel, slot: str, times: TaskTimes, subject: str
+    ) -> list[HumanTask]:
+        """Open the tasks of an approval level (one per role group) and mail their candidates;
+        `close_level` once `level_outcome` has one."""
+        tasks = [
+            self.open_task(
+                name=level.name if len(level.task_roles()) == 1 else f"{level.name} ({r[0]})",
+                kind=APPROVAL_KIND,
+                roles=r,
+                outcomes=APPROVAL_OUTCOMES,
+                times=times,
+                required_fields=APPROVAL_REQUIRED_FIELDS,
+            )
+            for r in level.task_roles()
+        ]
+        self.slots[slot] = [t.task_id for t in tasks]
+        await self.notify_candidates(tasks, subject)
+        return tasks
+
+    def close_level(self, level: ApprovalLevel, tasks: list[HumanTask]) -> str:
+        """The level's outcome (approved / rejected / timed_out); what its quorum made
+        unnecessary is withdrawn."""
+        outcome = level_outcome(level, tasks)
+        assert outcome is not None
+        for t in tasks:
+            if t.is_open:
+                self.close_task(t, WITHDRAWN, comment=f"level {outcome}")
+        return outcome
+
     async def approval_level(
         self, level: ApprovalLevel, slot: str, times: TaskTimes, subject: str
     ) -> str:
         """Open a level's tasks (or find them, continued as new), mail their candidates, wait
         for its outcome; what the quorum made unnecessary is withdrawn. approved / rejected /
         timed_out."""
-        tasks = self.slot_tasks(slot)
-        if not tasks:
-            tasks = [
-                self.open_task(
-                    name=level.name if len(level.task_roles()) == 1 else f"{level.name} ({r[0]})",
-                    kind=APPROVAL_KIND,
-                    roles=r,
-                    outcomes=APPROVAL_OUTCOMES,
-                    times=times,
-                    required_fields=APPROVAL_REQUIRED_FIELDS,
-                )
-                for r in level.task_roles()
-            ]
-            self.slots[slot] = [t.task_id for t in tasks]
-            await self.notify_candidates(tasks, subject)
+        tasks = self.slot_tasks(slot) or await self.open_level(level, slot, times, subject)
         await self.wait(lambda: level_outcome(level, tasks) is not None, f"{level.name}")
-        outcome = level_outcome(level, tasks)
-        assert outcome is not None
-        for t in tasks:
-            if t.is_open:
-                self.close_task(t, WITHDRAWN, comment=f"level {outcome}")
+        outcome = self.close_level(level, tasks)
         if not self.rt.local:  # newer instances write it with the next step's projection
             await self.rt.flush()
         return outcome
@@ -920,7 +948,12 @@ class HumanProcess:
     @decide.validator
     def _validate_decide(self, inp: DecideInput) -> None:
         self.refuse_if_ended()
-        self.rt.board.validate_decision(inp, strict=True)
+        task = self.rt.board.validate_decision(inp, strict=True)
+        self.check_decision(task, inp)
+
+    def check_decision(self, task: HumanTask, inp: DecideInput) -> None:
+        """A process's own checks of a decision the board accepts (raise a refusal); none by
+        default."""
 
     async def _task_action(self, action: str, inp: TaskActionInput) -> TaskView:
         task = self.rt.board.apply_action(action, inp, workflow.now())

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from workflows import sales_order
+from workflows.blueprint.interpreter import BlueprintWorkflow
 from workflows.policy import POLICY_MODELS, STRICT, PolicyModel
 
 
@@ -52,6 +53,10 @@ class ProcessType:
     cancel_update: str | None = None  # update taking {reason, actor}; None: not cancellable
     cancel_roles: frozenset[str] = frozenset()  # besides the requester
     start_roles: frozenset[str] = frozenset()  # who may start one (empty: any signed-in user)
+    # a blueprint's: its workflow type is this name (a dynamic workflow), and `version` the
+    # content hash its new instances run (workflows/blueprint/types.py builds the entry)
+    workflow_name: str | None = None
+    version: str | None = None
 
     def default_policy(self) -> dict | None:
         """The built-in policy document (what version 0 means); None: the type has no policy."""
@@ -69,6 +74,14 @@ class ProcessType:
     @property
     def cancellable(self) -> bool:
         return self.cancel_update is not None
+
+    @property
+    def is_blueprint(self) -> bool:
+        return self.version is not None
+
+    def workflow_type(self) -> Any:
+        """What `Client.start_workflow` takes: the run method, or a blueprint's type name."""
+        return self.workflow_name or self.workflow.run  # type: ignore[attr-defined]
 
 
 SALES_ORDER = ProcessType(
@@ -124,10 +137,12 @@ def get(name: str) -> ProcessType:
 
 def register(process_type: ProcessType) -> ProcessType:
     """Add a process type (tests add their own); the same type again is a no-op, another type
-    under a registered name is refused."""
+    under a registered name is refused, except a blueprint's newer version replacing its
+    older one (a publish)."""
     global PROCESS_TYPES
     existing = PROCESS_TYPES.get(process_type.name)
-    if existing is not None and existing is not process_type:
+    replaces = existing is not None and existing.is_blueprint and process_type.is_blueprint
+    if existing is not None and existing is not process_type and not replaces:
         raise ValueError(f"process type {process_type.name!r} is already registered")
     PROCESS_TYPES = MappingProxyType({**PROCESS_TYPES, process_type.name: process_type})
     return process_type
@@ -142,8 +157,10 @@ def unregister(name: str) -> None:
 
 
 def workflows() -> list[type]:
-    """The workflow classes a worker runs (one per class, in registration order)."""
-    return list(dict.fromkeys(t.workflow for t in PROCESS_TYPES.values()))
+    """The workflow classes a worker runs (one per class, in registration order), and the
+    interpreter of every blueprint."""
+    coded = [t.workflow for t in PROCESS_TYPES.values()]
+    return list(dict.fromkeys([*coded, BlueprintWorkflow]))
 
 
 def with_policy() -> list[ProcessType]:

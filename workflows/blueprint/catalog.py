@@ -4,7 +4,7 @@ Each entry names an activity, says in one line what it does, and gives the model
 parameters (a blueprint's `with`, checked at publish), the model of its result, its timeout
 and how often it is retried. Blueprints choose among these and set parameters only: never a
 timeout, a retry or a URL. The activities themselves are implemented in `activities/` (the
-interpreter references them by these names).
+interpreter references them by these names); their models are in activities/call_models.py.
 """
 
 from __future__ import annotations
@@ -14,35 +14,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
 
-from pydantic import EmailStr, Field
+from temporalio import workflow
 
-from workflows.blueprint.model import MAX_TEXT, FrozenModel, Name, Role
-
-
-class ActivityModel(FrozenModel):
-    """Base of the catalog's parameter and result models: frozen, unknown keys refused."""
-
-
-class NotifyCustomerInput(ActivityModel):
-    template: Name = Field(description="the mail template")
-    to: EmailStr | None = Field(None, description="default: the instance's customer e-mail")
-
-
-class NotifyRoleInput(ActivityModel):
-    role: Role
-    template: Name = Field(description="the mail template")
-
-
-class Notified(ActivityModel):
-    recipients: int = Field(description="how many people the mail went to")
-
-
-class RecordNoteInput(ActivityModel):
-    text: str = Field(min_length=1, max_length=MAX_TEXT)
-
-
-class NoteRecorded(ActivityModel):
-    note_id: str
+with workflow.unsafe.imports_passed_through():
+    from activities.call_models import (
+        ActivityModel,
+        NoteRecorded,
+        Notified,
+        NotifyCustomerInput,
+        NotifyRoleInput,
+        RecordNoteInput,
+    )
 
 
 @dataclass(frozen=True)

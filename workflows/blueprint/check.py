@@ -25,6 +25,7 @@ changes; `load_yaml` reads a document. No I/O: `load_yaml` takes the text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Set
@@ -71,6 +72,7 @@ from workflows.kernel import HumanProcess
 TEMPORAL_EVENT_LIMIT = 51_200
 TEMPORAL_UPDATE_LIMIT = 2_000
 EVENT_BUDGET = 10_000
+PARSED_KEPT = 64  # parsed versions a worker keeps (parsed_version)
 UPDATE_BUDGET = 1_000
 
 # History events per construct, as the kernel records them
@@ -147,7 +149,28 @@ def canonical_json(document: dict[str, Any]) -> str:
 
 def version_id(document: dict[str, Any]) -> str:
     """The name of the document's version: `sha256:` and the hex digest of its canonical JSON."""
-    return "sha256:" + hashlib.sha256(canonical_json(document).encode()).hexdigest()
+    return canonical(document)[0]
+
+
+def canonical(document: dict[str, Any]) -> tuple[str, str]:
+    """The document's version name and canonical JSON (`version_id`, `canonical_json`)."""
+    text = canonical_json(document)
+    return _version_of(text), text
+
+
+def _version_of(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=PARSED_KEPT)
+def parsed_version(version: str, text: str) -> Blueprint:
+    """The blueprint of a published version's canonical JSON `text`, parsed once per worker
+    process and shared by every instance that runs it (content-addressed: the same `version`
+    is always the same text, and a `Blueprint` is frozen, so no instance can change what
+    another sees). ValueError if `text` is not the version it claims to be."""
+    if _version_of(text) != version:
+        raise ValueError(f"the document given for {version} is not that version")
+    return parse_blueprint(json.loads(text))
 
 
 def _dump(model: Any) -> Any:

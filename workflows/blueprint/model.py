@@ -55,6 +55,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from core.names import MAX_NAME, MAX_TEXT, NAME_PATTERN, ROLE_PATTERN
 
 from workflows.approval import APPROVAL_OUTCOMES, check_quorum
 from workflows.calendar import BusinessCalendar, BusinessDuration
@@ -72,11 +76,7 @@ from workflows.policy import (
 
 # names of processes, stages, steps, fields, outcomes and events; roles are kebab-case, as
 # core.roles spells them
-NAME_PATTERN = r"[a-z][a-z0-9_]{0,62}"
-ROLE_PATTERN = r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*"
-MAX_NAME = 63
 MAX_TITLE = 200
-MAX_TEXT = 4000
 MAX_STAGES = 100
 MAX_STEPS = 30  # per stage, and per parallel branch
 MAX_BRANCHES = 10
