@@ -429,6 +429,66 @@ def apply(
     return run.state, run.commands
 
 
+def migrate(old: Blueprint, new: Blueprint, state: EngineState) -> EngineState:
+    """The state of a waiting instance of `old`, moved to `new` (another version of the same
+    process): the same stage, visits, fields and open steps, read by `new` from now on.
+    `EngineRefusal` (Conflict) when the move is not safe: the instance has ended, is inside a
+    parallel step, is in a stage `new` lacks (unmapped), waits on a step that `new`'s stage
+    lacks or has of another kind, has an open task whose outcomes `new` does not offer, an open
+    approval `new` defines otherwise, a running SLA `new` does not have, or a field value of a
+    type `new` declares otherwise."""
+    if old.process != new.process:
+        raise EngineRefusal(CONFLICT, f"{new.process} is another process than {old.process}")
+
+    def refuse_(message: str) -> EngineRefusal:
+        return EngineRefusal(CONFLICT, message)
+
+    if state.ended:
+        raise refuse_(f"the instance has ended ({state.outcome}); there is nothing to move")
+    if set(state.branches) - {MAIN}:
+        raise refuse_(f"the instance is inside a parallel step of stage {state.stage!r}")
+    target = new.stages.get(state.stage)
+    if target is None or target.end is not None:
+        raise refuse_(f"stage {state.stage!r} does not exist in the target version (unmapped)")
+    was, now = stage_layout(old.stages[state.stage]), stage_layout(target)
+    for key, opened in state.open.items():
+        place = now.places.get(key)
+        moved = place is not None and place.index != was.places[key].index
+        if (
+            place is None
+            or moved
+            or place.step.KIND != opened.kind
+            or place.branch != opened.branch
+        ):
+            message = f"the open {opened.kind} {key!r} does not exist in stage {state.stage!r} "
+            raise refuse_(message + "of the target version")
+        before = was.places[key].step
+        if isinstance(before, TaskStep) and isinstance(place.step, TaskStep):
+            dropped = sorted(set(before.outcomes) - set(place.step.outcomes))
+            if dropped:
+                message = f"the open task {key!r} offers outcomes the target version drops"
+                raise refuse_(f"{message}: {', '.join(dropped)}")
+        elif before != place.step:
+            raise refuse_(f"the open {opened.kind} {key!r} is defined otherwise in the target")
+    if (
+        was.keys[MAIN][: state.branches.get(MAIN, 0)]
+        != now.keys[MAIN][: state.branches.get(MAIN, 0)]
+    ):
+        raise refuse_(f"the steps of stage {state.stage!r} done so far differ in the target")
+    for name in state.slas:
+        try:
+            sla_spec(new, name)
+        except (KeyError, AssertionError, StopIteration):
+            raise refuse_(f"the SLA {name!r} is running and the target version has none") from None
+    specs = field_specs(new)
+    for name in state.fields:
+        before_spec, after = field_specs(old).get(name), specs.get(name)
+        if after is not None and before_spec is not None and after.type != before_spec.type:
+            message = f"field {name!r} is a {before_spec.type} and the target declares a "
+            raise refuse_(message + after.type)
+    return state.model_copy(deep=True)
+
+
 def field_specs(blueprint: Blueprint) -> dict[str, FieldSpec]:
     """The instance's fields by name (input, tasks, events: the first declaration)."""
     return check._field_index(blueprint)[0]

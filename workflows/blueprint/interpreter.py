@@ -49,8 +49,15 @@ from workflows.blueprint import check
 from workflows.blueprint import engine as eng
 from workflows.blueprint.model import Blueprint
 from workflows.calendar import BusinessDuration, CalendarError, due
-from workflows.errors import CONFLICT, TASK_NOT_FOUND, refuse
-from workflows.human_task import APPROVAL_KIND, SYSTEM_ACTOR, WITHDRAWN, DecideInput, HumanTask
+from workflows.errors import CONFLICT, INVALID_DECISION, NOT_PERMITTED, TASK_NOT_FOUND, refuse
+from workflows.human_task import (
+    APPROVAL_KIND,
+    SYSTEM_ACTOR,
+    WITHDRAWN,
+    Actor,
+    DecideInput,
+    HumanTask,
+)
 from workflows.kernel import (
     HumanProcess,
     ProcessCarry,
@@ -62,6 +69,7 @@ from workflows.kernel import (
 from workflows.runtime import DueTime
 
 TASK_KIND = "task"
+ADMIN_ROLE = "admin"  # who may move an instance to another version
 COMPLETED: InstanceStatus = "completed"
 # the catalog's names -> the activities that implement them (activities/blueprint_calls.py)
 CALLS = MappingProxyType(
@@ -129,6 +137,16 @@ class BlueprintStatus(ProcessStatus):
     )
 
 
+class MigrateInput(BaseModel):
+    """Move an instance to `version` (its canonical JSON in `document`); who, from the
+    credentials, and why."""
+
+    version: str
+    document: str
+    actor: Actor
+    reason: str = Field("", max_length=2000)
+
+
 class BlueprintResult(BaseModel):
     stage: str
     outcome: str | None
@@ -153,15 +171,7 @@ class BlueprintWorkflow(HumanProcess):
         self.version = inp.version
         self.document = inp.document  # the parsed version's text (shared, not a copy)
         self.values = inp.values
-        # the kernel's per-process constants are the blueprint's, per instance
-        self.PROCESS_TYPE = bp.process  # type: ignore[misc]
-        self.NOUN = bp.title.lower()  # type: ignore[misc]
-        self.OWNER_ROLE = bp.owner_role  # type: ignore[misc]
-        self.CANCEL_ROLES = frozenset({bp.owner_role})  # type: ignore[misc]
-        ends = {name: COMPLETED for name, stage in bp.stages.items() if stage.end is not None}
-        self.END_STATUS = MappingProxyType(  # type: ignore[misc]
-            {**ends, self.FAILED_STAGE: "failed", self.CANCELLED_STAGE: "cancelled"}
-        )
+        self._adopt(bp)
         self.engine = eng.EngineState(process=bp.process, stage=bp.start)
         self.links: dict[str, StepLink] = {}
         self.inbox: list[eng.EngineEvent] = []  # reported events, in arrival order
@@ -201,6 +211,17 @@ class BlueprintWorkflow(HumanProcess):
         await self.handlers_finished()
         return BlueprintResult(
             stage=self.stage, outcome=self.engine.outcome, fields=dict(self.engine.fields)
+        )
+
+    def _adopt(self, bp: Blueprint) -> None:
+        """The kernel's per-process constants, from the blueprint (per instance)."""
+        self.PROCESS_TYPE = bp.process  # type: ignore[misc]
+        self.NOUN = bp.title.lower()  # type: ignore[misc]
+        self.OWNER_ROLE = bp.owner_role  # type: ignore[misc]
+        self.CANCEL_ROLES = frozenset({bp.owner_role})  # type: ignore[misc]
+        ends = {name: COMPLETED for name, stage in bp.stages.items() if stage.end is not None}
+        self.END_STATUS = MappingProxyType(  # type: ignore[misc]
+            {**ends, self.FAILED_STAGE: "failed", self.CANCELLED_STAGE: "cancelled"}
         )
 
     # ================================================================== engine
@@ -479,6 +500,45 @@ class BlueprintWorkflow(HumanProcess):
             step_tasks={k: list(v.tasks) for k, v in self.links.items() if v.tasks},
             transitions=list(self.transitions),
         )
+
+    @workflow.update
+    async def migrate(self, inp: MigrateInput) -> BlueprintStatus:
+        """An admin moves the waiting instance to another version of its blueprint (see
+        `engine.migrate` for what is refused); audited, and the read model names the version."""
+        target = check.parsed_version(inp.version, inp.document)
+        before = self.version
+        self.engine = eng.migrate(self.blueprint, target, self.engine)
+        self.blueprint, self.version, self.document = target, inp.version, inp.document
+        self._adopt(target)
+        self.calendar = target.calendar
+        self.rt.audit(
+            inp.actor.username,
+            "migrated",
+            inp.reason,
+            {"from_version": before, "to_version": inp.version},
+        )
+        self.project_instance()
+        ticket = self.rt.changed()
+        await self.rt.handler_flush()
+        await self.rt.settled(ticket)
+        return self.status()
+
+    @migrate.validator
+    def _validate_migrate(self, inp: MigrateInput) -> None:
+        self.refuse_if_ended()
+        if ADMIN_ROLE not in inp.actor.roles:
+            raise refuse(NOT_PERMITTED, "only an admin may move an instance to another version")
+        if inp.version == self.version:
+            raise refuse(CONFLICT, f"the instance runs {inp.version} already")
+        if self.inbox or any(self._seen(k, v) is not None for k, v in self.links.items()):
+            raise refuse(CONFLICT, "the instance is acting on an event; try again")
+        try:
+            target = check.parsed_version(inp.version, inp.document)
+            eng.migrate(self.blueprint, target, self.engine)
+        except ValueError as err:
+            raise refuse(INVALID_DECISION, f"version: {err}") from None
+        except eng.EngineRefusal as err:
+            raise err.application_error() from None
 
     @workflow.update(dynamic=True)
     async def report_event(self, name: str, args: Sequence[RawValue]) -> dict[str, Any]:
