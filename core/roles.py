@@ -14,5 +14,11 @@ KNOWN_ROLES: frozenset[str] = frozenset(
         "finance",
         "manager",
         "admin",
+        # the seed blueprints' (blueprints/complaint.yaml, blueprints/onboarding.yaml)
+        "support",
+        "support-lead",
+        "service-manager",
+        "strategist",
+        "account-director",
     }
 )

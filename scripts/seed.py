@@ -37,6 +37,13 @@ DEMO_USERS: dict[str, list[str]] = {
     "fiona": ["finance"],
     "mike": ["manager"],
     "ada": ["admin"],
+    # the seed blueprints' people: complaints (support, its lead, the service manager) and
+    # customer onboarding (a strategist, the account director; any user may be named for a task)
+    "stan": ["support"],
+    "lea": ["support-lead"],
+    "marco": ["service-manager"],
+    "stella": ["strategist"],
+    "dora": ["account-director"],
 }
 
 DEMO_STOCK: dict[str, str] = {
