@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from datetime import timedelta
 from types import TracebackType
 
@@ -26,7 +27,7 @@ from activities.reconcile import ReadModelReconciler
 from activities.records import RecordActivities
 from activities.warehouse import WarehouseActivities
 from core.db import make_engine, make_session_factory
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, import_process_modules
 from core.temporal import connect
 from workflows import registry
 
@@ -38,9 +39,18 @@ from workflows import registry
 # workers import it once. Its determinism is still checked by the strict default sandbox:
 # the workflow tests and the replay of every recorded history run without this passthrough.
 PASSTHROUGH_MODULES = ("workflows",)
-WORKFLOW_RUNNER = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
-)
+
+
+def workflow_runner(process_modules: Sequence[str] = ()) -> SandboxedWorkflowRunner:
+    """The sandbox, with the workflows package passed through, and the process modules of
+    PROCFLOW_PROCESS_MODULES: imported once, like it (they register their types at import)."""
+    modules = (*PASSTHROUGH_MODULES, *process_modules)
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*modules)
+    )
+
+
+WORKFLOW_RUNNER = workflow_runner()
 # On SIGTERM/SIGINT the worker stops polling and lets running activities finish this long
 # before cancelling them; keep it below the supervisor's kill grace (10 s in scripts/run_stack).
 GRACEFUL_SHUTDOWN = timedelta(seconds=8)
@@ -88,11 +98,16 @@ def build_worker(
     provider: PaymentProvider,
     dispatcher: MailDispatcher | None = None,
     reconciler: ReadModelReconciler | None = None,
+    process_modules: Sequence[str] | None = None,
     **worker_options,
 ) -> ProcflowWorker:
     """One worker with the workflow of every registered process type and every activity, its
     mail dispatcher and its read-model reconciler (by default polling as PROCFLOW_RECONCILE_*
-    say, for every registered type); tests and `main` both build it here."""
+    say, for every registered type); tests and `main` both build it here. The process modules
+    (by default PROCFLOW_PROCESS_MODULES) are imported first: their types are registered."""
+    if process_modules is None:
+        process_modules = get_settings().process_modules
+    modules = import_process_modules(process_modules)
     dispatcher = dispatcher or MailDispatcher(session_factory, sender)
     if reconciler is None:
         settings = get_settings()
@@ -101,7 +116,8 @@ def build_worker(
             session_factory,
             poll_s=settings.reconcile_poll_s,
             lookback_s=settings.reconcile_lookback_s,
-            process_types=list(registry.PROCESS_TYPES),
+            # the coded types; it reads the published blueprints itself, each round
+            process_types=[t.name for t in registry.PROCESS_TYPES.values() if not t.is_blueprint],
             final_stages=registry.terminal_stages(),
         )
     records = RecordActivities(session_factory, mail_queued=dispatcher.wake)
@@ -113,7 +129,7 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=registry.workflows(),
-        workflow_runner=WORKFLOW_RUNNER,
+        workflow_runner=workflow_runner(modules) if modules else WORKFLOW_RUNNER,
         activities=[
             records.load_policy,
             records.project,
@@ -163,6 +179,7 @@ async def main(settings: Settings) -> None:
         ),
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=settings.worker_max_cached_workflows,
+        process_modules=settings.process_modules,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -38,7 +38,15 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities.background import BackgroundLoop
 from activities.records import insert_or_ignore
-from core.db import AuditEntry, Order, ProcessInstance, StageVisit, TaskRow, utcnow
+from core.db import (
+    AuditEntry,
+    BlueprintCurrent,
+    Order,
+    ProcessInstance,
+    StageVisit,
+    TaskRow,
+    utcnow,
+)
 from core.temporal import PROCESS_TYPE
 
 log = logging.getLogger(__name__)
@@ -318,7 +326,8 @@ class ReadModelReconciler(BackgroundLoop):
         changed the read model. The watermark moves only when the round completed."""
         started = utcnow()
         changed: list[Applied] = []
-        async with contextlib.aclosing(self._abnormal_ends(self.watermark)) as ends:
+        types = await self._types()
+        async with contextlib.aclosing(self._abnormal_ends(types, self.watermark)) as ends:
             async for end in ends:
                 if self._stopping.is_set():
                     return changed
@@ -336,7 +345,7 @@ class ReadModelReconciler(BackgroundLoop):
                         end.stage if applied.order_no is not None else "unchanged",
                         applied.tasks_closed,
                     )
-        async with contextlib.aclosing(self._completions(self.watermark)) as completions:
+        async with contextlib.aclosing(self._completions(types, self.watermark)) as completions:
             async for workflow_id, closed_at in completions:
                 if self._stopping.is_set():
                     return changed
@@ -346,9 +355,19 @@ class ReadModelReconciler(BackgroundLoop):
         self.watermark = max(self.watermark, started - self.overlap)
         return changed
 
-    async def _completions(self, since: datetime) -> AsyncGenerator[tuple[str, datetime], None]:
+    async def _types(self) -> list[str]:
+        """The coded types it was given, and every blueprint process published so far (their
+        instances end abnormally too; a publish needs no worker restart)."""
+        async with self._sessions() as session:
+            published = (await session.scalars(select(BlueprintCurrent.process))).all()
+        extra = [p for p in published if _PLAIN_NAME.match(p) and p not in self.process_types]
+        return [*self.process_types, *sorted(extra)]
+
+    async def _completions(
+        self, types: Sequence[str], since: datetime
+    ) -> AsyncGenerator[tuple[str, datetime], None]:
         executions = self._client.list_workflows(
-            completions_query(self.process_types, since),
+            completions_query(types, since),
             page_size=self.page_size,
             rpc_timeout=self.rpc_timeout,
         )
@@ -359,9 +378,11 @@ class ReadModelReconciler(BackgroundLoop):
             ):
                 yield execution.id, execution.close_time
 
-    async def _abnormal_ends(self, since: datetime) -> AsyncGenerator[AbnormalEnd, None]:
+    async def _abnormal_ends(
+        self, types: Sequence[str], since: datetime
+    ) -> AsyncGenerator[AbnormalEnd, None]:
         executions = self._client.list_workflows(
-            abnormal_ends_query(self.process_types, since),
+            abnormal_ends_query(types, since),
             page_size=self.page_size,
             rpc_timeout=self.rpc_timeout,
         )

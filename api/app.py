@@ -6,17 +6,22 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.client import Client
 
 from api import errors
+from api.definitions import publish_seeds, sync_registry
 from api.deps import TemporalConnection
 from api.errors import TemporalUnavailable, responses
 from api.jsonbody import JsonNumberGuard
 from api.limits import BodySizeLimit, ConcurrencyLimit, RateLimiter
 from api.routers import (
     auth,
+    definitions,
     health,
     orders,
     outbox,
@@ -27,9 +32,14 @@ from api.routers import (
 )
 from api.security import HashSlots
 from core.db import make_engine, make_session_factory
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, import_process_modules
 
 log = logging.getLogger("procflow.api")
+
+ROOT = Path(__file__).resolve().parent.parent  # the project root: relative seed dirs start here
+# bound on publishing the seeds and registering the current blueprints at start-up: past it
+# the API starts without them (the gateway registers current versions before each start)
+SEED_TIMEOUT_S = 60.0
 
 DESCRIPTION = """
 Business processes as durable Temporal workflows. Sign in at `POST /auth/token`
@@ -37,7 +47,8 @@ Business processes as durable Temporal workflows. Sign in at `POST /auth/token`
 
 Orders start and drive `SalesOrderWorkflow` instances; inboxes and order lists read the
 read model that the workflows project into the database; `/orders/search` reads Temporal
-visibility, which is eventually consistent. When Temporal or the database is unreachable
+visibility, which is eventually consistent. Processes defined as data (blueprints) are
+published, versioned and served at `/definitions`. When Temporal or the database is unreachable
 the API answers 503 with `Retry-After`.
 
 Limits (per API process): request bodies up to `PROCFLOW_API_MAX_BODY_BYTES` (else 413),
@@ -48,17 +59,46 @@ with `Retry-After`).
 """
 
 
+def seed_directory(settings: Settings) -> Path | None:
+    """The directory of the seed blueprints (relative: to the project root); None: no seeds."""
+    if not settings.blueprints_dir:
+        return None
+    directory = Path(settings.blueprints_dir)
+    return directory if directory.is_absolute() else ROOT / directory
+
+
+async def load_blueprints(settings: Settings, session_factory: async_sessionmaker) -> None:
+    """Publish the seed blueprints whose content is new and register every current version; a
+    database that is unreachable, not migrated or too slow is logged, and the API starts."""
+    directory = seed_directory(settings)
+    try:
+        async with asyncio.timeout(SEED_TIMEOUT_S):
+            if directory is not None:
+                await publish_seeds(session_factory, directory)
+            else:
+                async with session_factory() as session:
+                    await sync_registry(session)
+    except (SQLAlchemyError, OSError, TimeoutError) as err:
+        log.warning(
+            "blueprints not published or registered at start-up (%s: %s); starting anyway",
+            type(err).__name__,
+            err,
+        )
+
+
 def create_app(
     settings: Settings | None = None, *, temporal_client: Client | None = None
 ) -> FastAPI:
     """Build the app; the engine and the Temporal client are made once, in the lifespan."""
     settings = settings or get_settings()
+    import_process_modules(settings.process_modules)  # their types registered, before the routes
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        await load_blueprints(settings, app.state.session_factory)
         connection = TemporalConnection(settings, temporal_client)
         app.state.temporal = connection
         if temporal_client is None:
@@ -92,7 +132,7 @@ def create_app(
     app.add_middleware(JsonNumberGuard)  # inside BodySizeLimit (added later: outermost)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     errors.install(app)
-    for module in (auth, orders, processes, tasks, policies, outbox):
+    for module in (auth, orders, processes, tasks, policies, definitions, outbox):
         app.include_router(module.router, responses=responses(400, 413, 429))
     processes.install_openapi(app)  # each process type's start, event and status schemas
     app.include_router(process_types.router, responses=responses(400, 413, 429))

@@ -83,6 +83,16 @@ class CancelBody(Body):
     reason: str = Field(min_length=1, max_length=2000)
 
 
+class MigrateBody(Body):
+    version: str = Field(
+        "current",
+        min_length=1,
+        max_length=80,
+        description="the target version: its `sha256:...` name, or `current`",
+    )
+    reason: str = Field("", max_length=2000, description="why (kept in the audit log)")
+
+
 class PaymentBody(Body):
     event_id: str = Field(min_length=1, max_length=200, description="provider's event id")
     amount: Decimal = Field(gt=0, lt=Decimal("1e14"), max_digits=16, decimal_places=2)

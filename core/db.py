@@ -214,6 +214,33 @@ class PolicyVersion(Base):
     note: Mapped[str] = mapped_column(Text, default="")
 
 
+class BlueprintVersion(Base):
+    """One published version of a blueprint, named by the sha256 of its canonical JSON and
+    numbered per process (seq 1, 2, ...); immutable: never updated after it is inserted."""
+
+    __tablename__ = "blueprint_versions"
+    __table_args__ = (UniqueConstraint("process", "seq"),)
+    version: Mapped[str] = mapped_column(String(80), primary_key=True)  # sha256:<hex>
+    process: Mapped[str] = mapped_column(String(64), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(String(200))
+    document: Mapped[str] = mapped_column(Text)  # the canonical JSON text, exactly
+    source: Mapped[str | None] = mapped_column(Text, nullable=True)  # the YAML as published
+    published_by: Mapped[str] = mapped_column(String(64))
+    published_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
+class BlueprintCurrent(Base):
+    """The version of each blueprint process that new instances start with."""
+
+    __tablename__ = "blueprint_current"
+    process: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(ForeignKey("blueprint_versions.version"))
+    updated_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(64))
+
+
 class ProcessInstance(Base):
     """The read model of one process instance, of any type (code or blueprint), keyed by its
     workflow id; written by the `project` activity, never older over newer (revision)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,6 +48,24 @@ class Settings(BaseSettings):
     database_url: str = Field(
         f"sqlite+aiosqlite:///{DATA_DIR}/procflow.db",
         description="SQLAlchemy async URL; postgresql+asyncpg://... in production",
+    )
+
+    # Blueprints
+    blueprints_dir: str = Field(
+        "blueprints",
+        description="directory of the seed blueprints (*.yaml), relative to the project root "
+        "unless absolute; the API publishes each at start-up when its content is new (a seed "
+        "published before is left alone); empty: no seeds",
+    )
+
+    # Process types
+    process_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="modules of coded process types besides the built-in ones (comma-separated "
+        "or a JSON list, e.g. bench.coded_complaint), imported at start-up by the worker and the "
+        "API: each registers its types (workflows.registry.register) as it is imported, and the "
+        "worker passes it through the workflow sandbox as it does the workflows package; one that "
+        "cannot be imported stops the process with an error naming this setting",
     )
 
     # Mail
@@ -175,9 +195,9 @@ class Settings(BaseSettings):
         "(comma-separated or a JSON list); empty: the socket peer is the client",
     )
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "process_modules", mode="before")
     @classmethod
-    def _split_proxies(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -204,3 +224,22 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class ProcessModuleError(RuntimeError):
+    """A module named in PROCFLOW_PROCESS_MODULES cannot be imported: the process stops."""
+
+
+def import_process_modules(modules: Sequence[str]) -> list[str]:
+    """Import the modules of the setting `process_modules` (each registers its process types as
+    it is imported); the modules, in order. ProcessModuleError naming the setting and the
+    module if one cannot be imported."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            raise ProcessModuleError(
+                f"PROCFLOW_PROCESS_MODULES names {name!r}, which cannot be imported: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    return list(modules)

@@ -126,6 +126,9 @@ def test_procflow_variables_are_settings_fields() -> None:
         env = environment(SERVICES[name])
         assert env["PROCFLOW_TEMPORAL_ADDRESS"] == "temporal:7233", name
         assert env["PROCFLOW_DATABASE_URL"].startswith("postgresql+asyncpg://"), name
+        # the image's WORKDIR is /app and COPY . . brings the seeds: the directory exists there
+        assert env["PROCFLOW_BLUEPRINTS_DIR"] == "/app/blueprints", name
+        assert (ROOT / "blueprints").is_dir() and list((ROOT / "blueprints").glob("*.yaml"))
 
 
 def test_the_api_trusts_no_proxy_headers_by_itself_and_runs_in_production() -> None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
+from api import definitions
 from api.deps import CurrentUser, SessionDep
 from api.errors import responses
 from core.db import PolicyVersion
@@ -39,6 +40,10 @@ class ProcessTypeOut(BaseModel):
     events: list[ProcessEventOut]
     cancellable: bool
     cancel_roles: list[str] = Field(description="who may cancel one, besides its requester")
+    kind: str = Field(description="code (a workflow class) or blueprint (a published document)")
+    version: str | None = Field(
+        None, description="a blueprint's current version (`sha256:...`): what new instances run"
+    )
     has_policy: bool
     policy_version: int | None = Field(
         description="the policy version new instances start with (0: built-in defaults, "
@@ -68,6 +73,8 @@ def _out(t: registry.ProcessType, published: dict[str, int]) -> ProcessTypeOut:
         ],
         cancellable=t.cancellable,
         cancel_roles=sorted(t.cancel_roles) if t.cancellable else [],
+        kind="blueprint" if t.is_blueprint else "code",
+        version=t.version,
         has_policy=t.policy_model is not None,
         policy_version=published.get(t.name, 0) if t.policy_model is not None else None,
     )
@@ -85,7 +92,9 @@ async def _published(session: SessionDep, names: list[str]) -> dict[str, int]:
 
 @router.get("", response_model=list[ProcessTypeOut], responses=responses(401))
 async def process_types(user: CurrentUser, session: SessionDep) -> list[ProcessTypeOut]:
-    """Every registered process type, in the order of registration."""
+    """Every registered process type, in the order of registration, and every published
+    blueprint in its current version."""
+    await definitions.sync_registry(session)
     types = list(registry.PROCESS_TYPES.values())
     published = await _published(session, [t.name for t in types])
     return [_out(t, published) for t in types]
@@ -93,7 +102,8 @@ async def process_types(user: CurrentUser, session: SessionDep) -> list[ProcessT
 
 @router.get("/{process_type}", response_model=ProcessTypeOut, responses=responses(401, 404))
 async def process_type(process_type: str, user: CurrentUser, session: SessionDep) -> ProcessTypeOut:
-    """One registered process type."""
+    """One registered process type (a blueprint: its current version)."""
+    await definitions.sync_registry(session, process_type)
     try:
         found = registry.get(process_type)
     except registry.UnknownProcessType:

@@ -44,7 +44,8 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep
+from api import definitions
+from api.deps import CurrentUser, SessionDep, SettingsDep, TemporalDep, require_roles
 from api.errors import (
     RETRY_AFTER_S,
     application_error_of,
@@ -56,10 +57,19 @@ from api.errors import (
     responses,
 )
 from api.routers.health import database_takes_write
-from api.schemas import CancelBody, EventReceipt, Principal, ProcessHit, ProcessPage, QueryText
+from api.schemas import (
+    CancelBody,
+    EventReceipt,
+    MigrateBody,
+    Principal,
+    ProcessHit,
+    ProcessPage,
+    QueryText,
+)
 from core.settings import Settings
 from core.temporal import CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, REQUESTER, STAGE
 from workflows import registry
+from workflows.blueprint.interpreter import MigrateInput
 from workflows.errors import DUPLICATE_EVENT
 from workflows.registry import ProcessEvent, ProcessType
 
@@ -72,6 +82,7 @@ MEMO_FINGERPRINT = "input_fingerprint"
 # the handlers every process has (the kernel's): the status query and the settle update
 STATUS_QUERY = "status"
 SETTLE_UPDATE = "settle"
+MIGRATE_UPDATE = "migrate"  # a blueprint instance's move to another version
 KEY_TAKEN = "this business key is already used by another instance"
 DATABASE_READ_ONLY = "the database does not take writes: no instance is started; retry later"
 # between two status queries of a resubmitted instance that is still acting on something
@@ -97,13 +108,18 @@ BusinessKey = Annotated[
 EventName = Annotated[str, Path(min_length=1, max_length=64, description="the event's name")]
 
 AnyHandle = WorkflowHandle[Any, Any]
+# what a start's fingerprint leaves out: the carry, and a blueprint's pinned version (the same
+# request again after a publish is still the same request)
+FINGERPRINT_EXCLUDES = frozenset({"carry", "version", "document"})
 
 
 def input_fingerprint(inp: BaseModel) -> str:
-    """Stable hash of a start input (its `carry` aside), to tell a client retry from a
+    """Stable hash of a start input (its `carry` and pinned version aside), to tell a retry from a
     conflicting reuse of the business key."""
     canonical = json.dumps(
-        inp.model_dump(mode="json", exclude={"carry"}), sort_keys=True, separators=(",", ":")
+        inp.model_dump(mode="json", exclude=set(FINGERPRINT_EXCLUDES)),
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -193,8 +209,15 @@ def _require(ptype: ProcessType, roles: frozenset[str], user: Principal) -> None
 
 
 # ------------------------------------------------------------------------------ dependencies
-def _known_type(process_type: TypeName, user: CurrentUser) -> ProcessType:
-    """The registered type named in the path (signed-in callers only); 404 naming it."""
+async def _known_type(
+    process_type: TypeName, user: CurrentUser, session: SessionDep
+) -> ProcessType:
+    """The registered type named in the path (signed-in callers only); 404 naming it. A
+    blueprint's entry is brought up to the version current in the database first (another API
+    replica may have published one), so a start pins the version current now."""
+    found = registry.PROCESS_TYPES.get(process_type)
+    if found is None or found.is_blueprint:
+        await definitions.sync_registry(session, process_type)
     try:
         return registry.get(process_type)
     except registry.UnknownProcessType:
@@ -375,7 +398,7 @@ async def start(
     summary = hooks.summary(inp) if hooks.summary else f"{ptype.title} {key}"
     try:
         started: AnyHandle = await client.start_workflow(
-            cast(Any, ptype.workflow).run,
+            ptype.workflow_type(),
             inp,
             id=wid,
             task_queue=settings.task_queue,
@@ -549,6 +572,50 @@ async def cancel_process(
     """Cancel the instance (its requester, or a role the type allows); what was already done
     is compensated by the process. A type without cancellation is 409."""
     return await cancel(ptype, business_key, body.reason, user, client, session, settings)
+
+
+# ------------------------------------------------------------------------------ versions
+@router.post(
+    "/{process_type}/{business_key}/migrate",
+    response_model=None,
+    responses={
+        200: {"description": "Moved: " + _STATUS_RESPONSE},
+        **responses(401, 403, 404, 409, 422, 503),
+    },
+)
+async def migrate_process(
+    ptype: KnownType,
+    business_key: BusinessKey,
+    body: MigrateBody,
+    admin: Annotated[Principal, Depends(require_roles("admin"))],
+    client: TemporalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> BaseModel:
+    """Move a waiting blueprint instance to another version of its blueprint (admins only,
+    audited); refused (409) inside a parallel stage, for a stage or an open task the target
+    lacks, and for a coded process type."""
+    if not ptype.is_blueprint:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"{ptype.name} is a coded process: its instances do not move between versions",
+        )
+    row = await definitions.version_row(session, ptype.name, body.version)
+    if row is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"{ptype.name} has no version {body.version!r}"
+        )
+    arg = MigrateInput(
+        version=row.version, document=row.document, actor=admin.actor, reason=body.reason
+    )
+    wid = await workflow_id_of(ptype, business_key, session)
+    with not_found_as(_not_found(ptype, business_key)):
+        return await client.get_workflow_handle(wid).execute_update(
+            MIGRATE_UPDATE,
+            arg,
+            result_type=ptype.status_model,
+            rpc_timeout=_update_timeout(settings),
+        )
 
 
 # ------------------------------------------------------------------------------ events

@@ -207,7 +207,7 @@ async def test_seed_twice_is_idempotent_and_passwords_verify(sessions):
         users = (await session.execute(select(User))).scalars().all()
         policies = (await session.execute(select(PolicyVersion))).scalars().all()
         stock = (await session.execute(select(func.count()).select_from(StockItem))).scalar()
-    assert len(users) == len(DEMO_USERS) == 12
+    assert len(users) == len(DEMO_USERS) == 17
     assert stock == 3
     by_name = {u.username: u for u in users}
     assert by_name["vera"].roles == ["requester", "vice-president"]

@@ -205,3 +205,54 @@ async def test_a_reconciler_round_closes_finished_instances_of_another_type(dev_
     assert await reconciler.reconcile() == []
     assert (reconciler.applied, reconciler.completions_closed) == (1, 1)
     assert (await _instance(sessions, held)).closed_at == terminated.closed_at
+
+
+async def test_a_reconciler_watches_every_published_blueprint_without_a_restart(dev_env, sessions):
+    """Given only the coded types, it still closes the row of a terminated instance of a
+    blueprint published in the database (the test type stands for it)."""
+    from core.db import BlueprintCurrent, BlueprintVersion, utcnow
+
+    client = dev_env.client
+    queue = f"tickets-{uuid.uuid4()}"
+    held = f"test_ticket-B{uuid.uuid4().hex[:8]}"
+    reconciler = ReadModelReconciler(
+        client, sessions, lookback_s=600, process_types=["sales_order"]
+    )
+    assert await reconciler._types() == ["sales_order"]
+    async with sessions.begin() as s:
+        s.add(
+            BlueprintVersion(
+                version="sha256:" + "1" * 64,
+                process=TICKET,
+                seq=1,
+                title="Ticket",
+                document="{}",
+                published_by="ada",
+                published_at=utcnow(),
+            )
+        )
+        await s.flush()
+        s.add(
+            BlueprintCurrent(
+                process=TICKET, version="sha256:" + "1" * 64, updated_at=utcnow(), updated_by="ada"
+            )
+        )
+    assert await reconciler._types() == ["sales_order", TICKET]
+    attrs = TypedSearchAttributes([SearchAttributePair(PROCESS_TYPE, TICKET)])
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[TicketWorkflow],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    ):
+        await _project_running(sessions, held, at=datetime.now(UTC) - timedelta(minutes=1))
+        handle = await client.start_workflow(
+            TicketWorkflow.run, True, id=held, task_queue=queue, search_attributes=attrs
+        )
+        await handle.terminate("operator ended it")
+
+    async def closed() -> bool:
+        await reconciler.reconcile()
+        return (await _instance(sessions, held)).status == "terminated"
+
+    await until(closed, 60, "the reconciler closes the blueprint instance's row")

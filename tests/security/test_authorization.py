@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -16,8 +17,10 @@ from scripts.seed import DEMO_PASSWORD
 from tests.api.conftest import order_body
 from tests.security.conftest import DEMO_ROLES, Api, bad_tokens, bearer, role_user
 from tests.support import record_figure
+from workflows.blueprint.check import load_yaml
 
 PUBLIC = frozenset({"public"})  # no credentials needed
+COMPLAINT = load_yaml((Path(__file__).parents[2] / "blueprints" / "complaint.yaml").read_text())
 ANY = frozenset(DEMO_ROLES)  # any authenticated user
 
 # Which roles each endpoint admits. Task endpoints act on a vice-president approval task of an
@@ -60,6 +63,13 @@ ADMITS: dict[tuple[str, str], frozenset[str]] = {
         {"requester", "manager"}
     ),
     ("POST", "/processes/{process_type}/{business_key}/events/{event}"): frozenset({"finance"}),
+    ("POST", "/processes/{process_type}/{business_key}/migrate"): frozenset({"admin"}),
+    ("GET", "/definitions"): ANY,
+    ("GET", "/definitions/{process}"): ANY,
+    ("GET", "/definitions/{process}/versions/{version}"): ANY,
+    ("GET", "/definitions/{process}/versions/{version}/yaml"): ANY,
+    ("POST", "/definitions/{process}"): frozenset({"admin"}),
+    ("POST", "/definitions/{process}/validate"): frozenset({"admin"}),
 }
 
 
@@ -109,6 +119,8 @@ def _request(
         process_type="sales_order",
         business_key=order,
         event="payment",
+        process="complaint",  # a seed blueprint, published when the app starts
+        version="current",
     )
     if path in ("/orders/{order_no}/cancel", "/processes/{process_type}/{business_key}/cancel"):
         url = path.format(
@@ -132,6 +144,11 @@ def _request(
         "/processes/{process_type}/{business_key}/events/{event}": lambda: {
             "json": {"event_id": f"evt-{uuid.uuid4()}", "amount": "1.00"}
         },
+        # the seed again: the same content, nothing changes (200)
+        "/definitions/{process}": lambda: {"json": COMPLAINT},
+        "/definitions/{process}/validate": lambda: {"json": COMPLAINT},
+        # a coded type: 409 once permitted
+        "/processes/{process_type}/{business_key}/migrate": lambda: {"json": {}},
     }
     key = path if method == "POST" else ""
     extra = bodies.get(key, dict)

@@ -78,7 +78,7 @@ UPDATE_BUDGET = 1_000
 # History events per construct, as the kernel records them
 WORKFLOW_TASK = 3  # scheduled, started, completed: after each thing the workflow waited for
 PROJECTION = 2  # the projection's local-activity marker and search-attribute upsert, per wait
-UPDATE = 2 + WORKFLOW_TASK  # accepted, completed
+UPDATE = 2 + WORKFLOW_TASK + 2  # accepted, completed; the wait's timer cancelled and started again
 TIMER = 2 + WORKFLOW_TASK  # started, fired
 ACTIVITY = 3 + WORKFLOW_TASK  # scheduled, started, completed (retries add no events)
 TASK_UPDATES = 4  # a decision, and the claims, releases or delegations before it
@@ -114,12 +114,25 @@ class Problem:
         return _path(self.loc)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (`*name`): a blueprint spells every part out, and
+    a few nested aliases would make a document that expands to billions of nodes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a blueprint", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 # ----------------------------------------------------------------------------- entry points
 def load_yaml(text: str) -> dict[str, Any]:
-    """The document a YAML text holds (PyYAML's `safe_load`); a ValidationError if it is not
-    YAML or not a mapping."""
+    """The document a YAML text holds (PyYAML's safe loader, aliases refused); a ValidationError
+    if it is not YAML or not a mapping."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, RecursionError) as err:
         raise document_refusal(
             "Blueprint", [document_error((), "yaml", f"not YAML: {err}", None)]
