@@ -23,7 +23,7 @@ from workflows.runtime import LOCAL_PROJECTION, PROJECTION_PER_WAIT
 from workflows.sales_order import HARDENING, SalesOrderWorkflow
 
 HISTORY_DIR = Path(__file__).parents[1] / "histories"
-HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
+HISTORIES = sorted(HISTORY_DIR.glob("sales_order__*.json"))  # blueprints: tests/blueprints
 MAIN_PATHS = (
     "1200000",
     "rejection",
