@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,10 @@ STALL_S = 180  # phase 5 gives up when no instance reached its approval for this
 QUEUE = "procflow-bench"  # the procflow worker's task queue
 TERMINAL = {"closed", "rejected", "cancelled", "failed"}
 TREES_ENV = "PROCFLOW_BENCH_TREES"  # "label=path label=path": the trees `make bench` measures
+CODED_COMPLAINT = "bench.coded_complaint"  # phase 7's coded side, a process module of the tree
+CHAIN_STAGES = 50  # phase 7: task stages of the generated document published
+PUBLISHES = 5  # phase 7: documents published (and as many validated), each a new one
+POLL_S = 0.05  # phase 7: how often a simulated user looks for the next step in the read model
 
 
 @dataclass(frozen=True)
@@ -83,13 +88,17 @@ class Sizes:
     waiting: int  # 5. instances waiting on approvals
     wal_orders: int  # 4. baseline orders per server and round (two rounds)
     scale_orders: int  # 6. baseline orders per worker count (0: skipped)
+    complaints: int  # 7. complaints per side (blueprint, coded), in rounds
+    complaint_rounds: int  # 7. rounds, each a batch of both sides (alternating which first)
+    blueprint_waiting: int  # 7. blueprint complaints waiting on their first task
 
 
-QUICK = Sizes(30, 30, 200, 5_000, 100, 300, 20, 0)
-FULL = Sizes(150, 100, 1_000, 100_000, 300, 10_000, 60, 200)
+QUICK = Sizes(30, 30, 200, 5_000, 100, 300, 20, 0, 30, 3, 300)
+FULL = Sizes(150, 100, 1_000, 100_000, 300, 10_000, 60, 200, 200, 5, 2_000)
 INSERT_CHUNK = 5_000  # phase 3: rows per executemany
-# --phases: 1 e2e, 2 decision, 5 memory, 3 inbox, and 4 + 6 (engine: WAL, scale-out; needs e2e)
-PHASES = ("e2e", "decision", "memory", "inbox", "engine")
+# --phases: 1 e2e, 2 decision, 5 memory, 3 inbox, 4 + 6 (engine: WAL, scale-out; needs e2e),
+# 7 blueprint (the interpreter against the coded complaint, waiting blueprints, publishing)
+PHASES = ("e2e", "decision", "memory", "inbox", "engine", "blueprint")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -473,7 +482,9 @@ async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> int:
         return int((await conn.execute(text(sql), params)).scalar() or 0)
 
 
-async def outbox_drained(engine: AsyncEngine, timeout_s: float = 120) -> None:
+async def outbox_drained(
+    engine: AsyncEngine, timeout_s: float = 120, phase: str = "decision"
+) -> None:
     """Wait until the worker's mail dispatcher has sent every queued mail."""
     deadline = time.monotonic() + timeout_s
     pending = 0
@@ -484,7 +495,7 @@ async def outbox_drained(engine: AsyncEngine, timeout_s: float = 120) -> None:
         if not pending:
             return
         await asyncio.sleep(0.2)
-    say("decision", f"outbox still holds {pending} mails after {timeout_s:.0f} s")
+    say(phase, f"outbox still holds {pending} mails after {timeout_s:.0f} s")
 
 
 # ------------------------------------------------------------------------------ histories
@@ -623,6 +634,8 @@ async def side_stack(tree: Tree, tmp: Path) -> AsyncIterator[Side]:
             "PROCFLOW_API_AUTH_ACCOUNT_RATE_LIMIT_PER_MINUTE": "1000000",
             # no PROCFLOW_WORKER_MAX_CACHED_WORKFLOWS: the worker keeps the production default
         }
+        if has_coded_complaint(tree):  # phase 7's coded side, registered by worker and API
+            env["PROCFLOW_PROCESS_MODULES"] = CODED_COMPLAINT
         py = sys.executable
         run_once("migrate", [py, "-m", "scripts.migrate"], tmp, env, tree.root)
         run_once("seed", [py, "-m", "scripts.seed"], tmp, env, tree.root)
@@ -868,6 +881,8 @@ async def _measure(
         await _memory(results, sizes, side, run)
     if "inbox" in phases:
         await _inbox(results, sizes, side, run)
+    if "blueprint" in phases:
+        await _blueprint(results, sizes, side, run, profile / "blueprint" if profile else None)
 
 
 class Stalled(Exception):
@@ -875,17 +890,40 @@ class Stalled(Exception):
 
 
 async def _memory(results: dict[str, Any], sizes: Sizes, side: Side, run: str) -> None:
-    """5. Worker RSS with M instances waiting on their approval, the cache at its default."""
-    worker, client, tree = side.worker, side.client, side.tree
+    """5. Worker RSS with M sales orders waiting on their approval, the cache at its default."""
+    client, tree = side.client, side.tree
+    prefix = f"M{run}-"
+
+    async def start(key: str) -> None:
+        body = {**order_body(key, 600_000), "requester": "bob"}
+        await client.start_workflow(tree.workflow, body, id=tree.wid(key), task_queue=QUEUE)
+
+    results.update(
+        await _waiting(
+            side, sizes.waiting, prefix, start, "memory", "orders of 600,000 with the client"
+        )
+    )
+
+
+async def _waiting(
+    side: Side,
+    m: int,
+    prefix: str,
+    start: Callable[[str], Awaitable[None]],
+    phase: str,
+    what: str,
+) -> dict[str, Any]:
+    """M instances started by `start(<prefix><i>)` (the business key), until each waits on an
+    open task in the read model; the worker's RSS before, at its peak while they started and
+    with all of them waiting (the cache at its default)."""
+    worker, tree = side.worker, side.tree
     worker.check()
     rss_before = rss_mb(worker.popen.pid)
-    m = sizes.waiting
     say(
-        "memory",
+        phase,
         f"worker RSS {rss_before:.0f} MB (cache: {tree.cache_default} instances, the "
-        f"default); starting {m} orders of 600,000 with the client, {STARTERS} at once",
+        f"default); starting {m} {what}, {STARTERS} at once",
     )
-    prefix = f"M{run}-"
 
     async def waiting_now() -> int:
         return await scalar(
@@ -898,6 +936,7 @@ async def _memory(results: dict[str, Any], sizes: Sizes, side: Side, run: str) -
     progress = time.monotonic()  # when `waiting` last grew
     peak = rss_before
     stop = asyncio.Event()
+    figures: dict[str, Any] = {}
 
     async def watch() -> None:  # the read model's count of waiting instances, and peak RSS
         nonlocal waiting, peak, progress
@@ -913,38 +952,35 @@ async def _memory(results: dict[str, Any], sizes: Sizes, side: Side, run: str) -
         if time.monotonic() - progress > STALL_S:
             raise Stalled(f"{waiting} of {m} waiting, none more for {STALL_S} s")
 
-    async def start(i: int) -> None:
+    async def bounded(i: int) -> None:
         # Bounded: at most WINDOW started instances not yet waiting. With 300 at once the
         # kernel's local `project` activities queue for SQLite's writer past their timeout,
         # are retried, exhaust the connection pool, and no instance gets through.
         while i - waiting >= WINDOW:
             stalled()
             await asyncio.sleep(0.1)
-        body = {**order_body(f"{prefix}{i}", 600_000), "requester": "bob"}
-        await client.start_workflow(
-            tree.workflow, body, id=tree.wid(f"{prefix}{i}"), task_queue=QUEUE
-        )
+        await start(f"{prefix}{i}")
 
     watcher = asyncio.create_task(watch())
     t0 = time.perf_counter()
     started_s = float("nan")
     try:
-        await gather_limited(range(m), start, STARTERS, "memory")
+        await gather_limited(range(m), bounded, STARTERS, phase)
         started_s = time.perf_counter() - t0
-        say("memory", f"{m} started in {started_s:.0f} s; {waiting} waiting so far")
+        say(phase, f"{m} started in {started_s:.0f} s; {waiting} waiting so far")
         while waiting < m:
             stalled()
             await asyncio.sleep(0.5)
     except Stalled as err:  # recorded, and the run goes on with the other phases
-        results["waiting_stalled"] = str(err)
-        say("memory", f"STALLED: {err}; the worker's log says why")
+        figures["waiting_stalled"] = str(err)
+        say(phase, f"STALLED: {err}; the worker's log says why")
     finally:
         stop.set()
         await watcher
     all_waiting_s = time.perf_counter() - t0
     await asyncio.sleep(2)
     rss_after = rss_mb(worker.popen.pid)
-    results.update(
+    figures.update(
         worker_rss_idle_mb=rss_before,
         worker_rss_mb=rss_after,
         worker_rss_peak_mb=max(peak, rss_after),
@@ -958,11 +994,12 @@ async def _memory(results: dict[str, Any], sizes: Sizes, side: Side, run: str) -
         worker_cached_instances=min(tree.cache_default, waiting),
     )
     say(
-        "memory",
-        f"worker RSS {rss_after:.0f} MB (peak {results['worker_rss_peak_mb']:.0f}) with "
-        f"{waiting} waiting, at most {results['worker_cached_instances']} of them cached; all "
-        f"waiting after {all_waiting_s:.0f} s ({results['waiting_start_per_s']:.1f}/s)",
+        phase,
+        f"worker RSS {rss_after:.0f} MB (peak {figures['worker_rss_peak_mb']:.0f}) with "
+        f"{waiting} waiting, at most {figures['worker_cached_instances']} of them cached; all "
+        f"waiting after {all_waiting_s:.0f} s ({figures['waiting_start_per_s']:.1f}/s)",
     )
+    return figures
 
 
 async def _bulk_tasks(engine: AsyncEngine, run: str, k: int) -> float:
@@ -1123,6 +1160,308 @@ async def _scale_out(
     )
 
 
+# ------------------------------------------------------------------------------ 7. blueprints
+BLUEPRINT_TYPE = "complaint"  # blueprints/complaint.yaml, published by the API at start-up
+CODED_TYPE = "coded_complaint"  # bench/coded_complaint.py, the same shape coded on the kernel
+SIDES_7 = {"blueprint": BLUEPRINT_TYPE, "coded": CODED_TYPE}
+# the path driven: stan (support) decides the three tasks as each opens, then the feedback
+COMPLAINT_PATH: tuple[tuple[int, str, dict[str, str]], ...] = (
+    (1, "acknowledged", {}),
+    (2, "recorded", {"category": "service", "severity": "low"}),
+    (3, "resolved", {"resolution": "Sent a new set of mugs."}),
+)
+COMPLAINT_FEEDBACK = {"score": 5, "remarks": "Quick and friendly."}
+OPEN_TASK = "SELECT count(*) FROM tasks WHERE task_id = :t AND status = 'open'"
+IN_STAGE = "SELECT count(*) FROM process_instances WHERE workflow_id = :w AND stage = :s"
+
+
+def has_coded_complaint(tree: Tree) -> bool:
+    """Whether the tree has phase 7's coded side (its worker and API import it)."""
+    return (tree.root / "bench" / "coded_complaint.py").is_file()
+
+
+def complaint_body(ticket_no: str) -> dict[str, str]:
+    return {
+        "ticket_no": ticket_no,
+        "company_name": "Bench Ltd",
+        "customer_email": f"{ticket_no.lower()}@bench.example",
+        "channel": "web",
+        "summary": "The mugs arrived broken; two of six are usable.",
+    }
+
+
+def chain_document(process: str, stages: int, variant: int) -> dict[str, Any]:
+    """A blueprint of `stages` task stages in a chain (then an end); `variant` makes the
+    content, hence the version, new."""
+    chain: dict[str, Any] = {
+        f"s{i}": {
+            "title": f"Step {i}",
+            "do": [
+                {
+                    "task": f"t{i}",
+                    "title": f"Step {i} of chain {variant}",
+                    "roles": ["support"],
+                    "outcomes": ["done"],
+                }
+            ],
+            "then": f"s{i + 1}" if i < stages else "done",
+        }
+        for i in range(1, stages + 1)
+    }
+    chain["done"] = {"end": {"outcome": "done"}}
+    return {
+        "process": process,
+        "dsl": 1,
+        "title": f"Bench chain {variant}",
+        "description": f"{stages} task stages in a chain, generated by bench.run.",
+        "owner_role": "service-manager",
+        "business_key": "ticket_no",
+        "input": {
+            "ticket_no": {"type": "string", "required": True, "pattern": "^[A-Z0-9-]{3,40}$"}
+        },
+        "start": "s1",
+        "stages": chain,
+    }
+
+
+async def until_read_model(
+    engine: AsyncEngine, sql: str, what: str, timeout_s: float = 120, **params: Any
+) -> None:
+    """Poll the read model (never the workflow: a query would cost the worker) until `sql`
+    counts a row."""
+    deadline = time.monotonic() + timeout_s
+    while not await scalar(engine, sql, **params):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not within {timeout_s:.0f} s: {what}")
+        await asyncio.sleep(POLL_S)
+
+
+async def complaint(side: Side, process: str, ticket_no: str) -> float:
+    """One complaint through the API, started by alice: stan decides each task once the read
+    model shows it open, the feedback event goes once the instance waits for it; ms from the
+    start until the read model has it closed."""
+    api, engine = side.api, side.engine
+    t0 = time.perf_counter()
+    started = await api.call(
+        "POST", f"/processes/{process}", "alice", json=complaint_body(ticket_no)
+    )
+    wid = started["workflow_id"]
+    for n, outcome, fields in COMPLAINT_PATH:
+        task_id = f"{wid}.t{n}"
+        await until_read_model(engine, OPEN_TASK, f"task {task_id} open", t=task_id)
+        await api.call(
+            "POST",
+            f"/tasks/{task_id}/decision",
+            "stan",
+            json={"outcome": outcome, "fields": fields},
+        )
+    await until_read_model(engine, IN_STAGE, f"{wid} waits for feedback", w=wid, s="feedback")
+    await api.call(
+        "POST",
+        f"/processes/{process}/{ticket_no}/events/feedback_received",
+        "alice",
+        json=COMPLAINT_FEEDBACK,
+    )
+    await until_read_model(engine, IN_STAGE, f"{wid} closed", w=wid, s="closed")
+    return (time.perf_counter() - t0) * 1000
+
+
+async def _complaint_batch(side: Side, kind: str, keys: list[str]) -> dict[str, Any]:
+    """The complaints of one side, USERS at once: their end-to-end times, and the CPU each
+    process used per complaint, their mails' delivery included (the outbox drained)."""
+    pids = side.pids
+    meter = CpuMeter({k: pids[k] for k in ("temporal", "worker", "api", "bench_process")})
+    meter.start()
+    t0 = time.perf_counter()
+    lat = await gather_limited(
+        keys, lambda key: complaint(side, SIDES_7[kind], key), USERS, "blueprint"
+    )
+    wall = time.perf_counter() - t0
+    await outbox_drained(side.engine, phase="blueprint")  # the worker's dispatcher sends them
+    cpu = meter.stop()
+    n = len(keys)
+    return {
+        "instances": n,
+        "wall_s": round(wall, 2),
+        "e2e_p50_ms": pct(lat, 50),
+        "e2e_p95_ms": pct(lat, 95),
+        "cpu_ms_per_instance": {k: round(1000 * v / n, 1) for k, v in cpu.items()},
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+async def _blueprint(
+    results: dict[str, Any], sizes: Sizes, side: Side, run: str, profile: Path | None
+) -> None:
+    """7. The complaint blueprint on the interpreter against the coded complaint, through the
+    same API on the same stack, in alternating rounds; then waiting blueprint instances and
+    the worker's RSS; then publishing and validating a 50-stage document."""
+    api, tag = side.api, run.upper()
+    missing = [] if has_coded_complaint(side.tree) else [CODED_COMPLAINT]
+    if not missing:  # a tree before blueprints has no /process-types either
+        types = {t["name"] for t in await api.call("GET", "/process-types", "alice")}
+        missing = sorted(set(SIDES_7.values()) - types)
+    if missing:
+        why = f"the tree lacks {', '.join(missing)}"
+        results["blueprint_skipped"] = why
+        say("blueprint", f"skipped: {why}")
+        return
+    say("blueprint", "warm-up: one complaint on each side")
+    shapes: dict[str, Any] = {}
+    for kind, process in SIDES_7.items():
+        key = f"W{tag}-{kind[0].upper()}"
+        await complaint(side, process, key)
+        wid = f"{process}-{key}"  # both types' workflow ids: `<type>-<business key>`
+        shape = await history_shape(side.client, wid)
+        history = await side.client.get_workflow_handle(wid).fetch_history()
+        shapes[kind] = {
+            "activities": dict(shape.activities),
+            "segments": _compact(shape.segments),
+            "timers": shape.timers,
+            "updates_and_signals": dict(shape.updates),
+            "history_events": len(history.events),
+        }
+        say("blueprint", f"{kind}: {shapes[kind]}")
+    results["blueprint_history"] = shapes
+    await outbox_drained(side.engine, phase="blueprint")
+    per_round = max(1, sizes.complaints // sizes.complaint_rounds)
+    say(
+        "blueprint",
+        f"{sizes.complaint_rounds} rounds of {per_round} complaints per side, {USERS} "
+        "concurrent users, alternating which side goes first",
+    )
+    rounds: list[dict[str, Any]] = []
+    for r in range(sizes.complaint_rounds):
+        order = ("blueprint", "coded") if r % 2 == 0 else ("coded", "blueprint")
+        entry: dict[str, Any] = {"round": r + 1, "order": list(order)}
+        for kind in order:
+            keys = [f"{kind[0].upper()}{tag}-{r}-{i}" for i in range(per_round)]
+            entry[kind] = await _complaint_batch(side, kind, keys)
+        bp, coded = entry["blueprint"], entry["coded"]
+        bp_cpu, coded_cpu = bp["cpu_ms_per_instance"], coded["cpu_ms_per_instance"]
+        entry.update(
+            e2e_ratio=bp["e2e_p50_ms"] / coded["e2e_p50_ms"],
+            wall_ratio=bp["wall_s"] / coded["wall_s"],
+            worker_cpu_ratio=bp_cpu["worker"] / coded_cpu["worker"],
+            stack_cpu_ratio=sum(bp_cpu[k] for k in ("temporal", "worker", "api"))
+            / sum(coded_cpu[k] for k in ("temporal", "worker", "api")),
+        )
+        say(
+            "blueprint",
+            f"round {r + 1}: e2e p50 {bp['e2e_p50_ms']:.0f} / {coded['e2e_p50_ms']:.0f} ms "
+            f"({entry['e2e_ratio']:.2f}), worker CPU {bp_cpu['worker']:.0f} / "
+            f"{coded_cpu['worker']:.0f} ms per complaint ({entry['worker_cpu_ratio']:.2f})",
+        )
+        rounds.append(entry)
+    e2e = _spread([r["e2e_ratio"] for r in rounds])
+    cpu = _spread([r["worker_cpu_ratio"] for r in rounds])
+    per_kind = {
+        kind: {
+            proc: statistics.median(r[kind]["cpu_ms_per_instance"][proc] for r in rounds)
+            for proc in rounds[0][kind]["cpu_ms_per_instance"]
+        }
+        for kind in SIDES_7
+    }
+    results.update(
+        blueprint_complaints=per_round * len(rounds),
+        blueprint_rounds=rounds,
+        blueprint_e2e_p50_ms=statistics.median(r["blueprint"]["e2e_p50_ms"] for r in rounds),
+        coded_e2e_p50_ms=statistics.median(r["coded"]["e2e_p50_ms"] for r in rounds),
+        blueprint_overhead_ratio=e2e["median"],
+        blueprint_overhead_min=e2e["min"],
+        blueprint_overhead_max=e2e["max"],
+        blueprint_wall_ratio=statistics.median(r["wall_ratio"] for r in rounds),
+        blueprint_cpu_ms_per_instance=per_kind,
+        blueprint_worker_cpu_ms=per_kind["blueprint"]["worker"],
+        coded_worker_cpu_ms=per_kind["coded"]["worker"],
+        blueprint_cpu_ratio=cpu["median"],
+        blueprint_cpu_ratio_min=cpu["min"],
+        blueprint_cpu_ratio_max=cpu["max"],
+        blueprint_stack_cpu_ratio=statistics.median(r["stack_cpu_ratio"] for r in rounds),
+    )
+    say(
+        "blueprint",
+        f"blueprint / coded: e2e p50 {e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}), "
+        f"worker CPU {cpu['median']:.2f} ({cpu['min']:.2f}-{cpu['max']:.2f}); CPU ms per "
+        f"complaint {per_kind}",
+    )
+    if profile is not None:  # one more round, sampled by py-spy, not counted in the ratios
+        profiles: dict[str, Any] = {}
+        for kind in SIDES_7:
+            profiler = Profiler(profile)
+            profiler.start(f"worker-{kind}", side.pids["worker"])
+            keys = [f"P{kind[0].upper()}{tag}-{i}" for i in range(per_round)]
+            await _complaint_batch(side, kind, keys)
+            profiles[kind] = profiler.stop()[f"worker-{kind}"]
+        results["blueprint_profile"] = profiles
+        say("blueprint", f"py-spy samples of a round per side in {profile}")
+
+    async def start(key: str) -> None:
+        await api.call("POST", f"/processes/{BLUEPRINT_TYPE}", "alice", json=complaint_body(key))
+
+    waiting = await _waiting(
+        side,
+        sizes.blueprint_waiting,
+        f"Q{tag}-",
+        start,
+        "blueprint",
+        "complaint blueprints through the API",
+    )
+    results.update({f"blueprint_{k}": v for k, v in waiting.items()})
+    await _publish(results, side, tag)
+
+
+async def _publish(results: dict[str, Any], side: Side, tag: str) -> None:
+    """7. A generated document of CHAIN_STAGES task stages published by an admin (each time a
+    new one, so a new version, checked and diffed against the current), then as many
+    validated (the dry run): the time of each request."""
+    api, process = side.api, f"bench_chain_{tag.lower()}"
+    await api.headers("ada")  # signed in before: a sign-in's password hash is not publishing
+    await outbox_drained(side.engine, phase="blueprint")  # the waiting ones' mails: quiet
+
+    async def timed(url: str, document: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        t0 = time.perf_counter()
+        answer = await api.call("POST", url, "ada", json=document)
+        return (time.perf_counter() - t0) * 1000, answer
+
+    published: list[float] = []
+    for i in range(PUBLISHES):
+        ms, answer = await timed(
+            f"/definitions/{process}", chain_document(process, CHAIN_STAGES, i)
+        )
+        if not answer["created"]:
+            raise RuntimeError(f"publish {i} of {process} created no version: {answer}")
+        published.append(ms)
+    validated: list[float] = []
+    for i in range(PUBLISHES, 2 * PUBLISHES):
+        ms, answer = await timed(
+            f"/definitions/{process}/validate", chain_document(process, CHAIN_STAGES, i)
+        )
+        if not answer["valid"]:
+            raise RuntimeError(f"the {CHAIN_STAGES}-stage document is invalid: {answer}")
+        validated.append(ms)
+    size = len(json.dumps(chain_document(process, CHAIN_STAGES, 0)))
+    results.update(
+        blueprint_publish_stages=CHAIN_STAGES,
+        blueprint_publish_document_bytes=size,
+        blueprint_publish_ms=[round(v, 1) for v in published],
+        blueprint_publish_p50_ms=statistics.median(published),
+        blueprint_publish_max_ms=max(published),
+        blueprint_validate_ms=[round(v, 1) for v in validated],
+        blueprint_validate_p50_ms=statistics.median(validated),
+        blueprint_validate_max_ms=max(validated),
+    )
+    say(
+        "blueprint",
+        f"{CHAIN_STAGES}-stage document ({size:,} bytes of JSON): publish p50 "
+        f"{results['blueprint_publish_p50_ms']:.0f} ms (max {max(published):.0f}), validate "
+        f"p50 {results['blueprint_validate_p50_ms']:.0f} ms (max {max(validated):.0f})",
+    )
+
+
 # ------------------------------------------------------------------------------ report
 # label, key, unit, target (with "<=" or ">=")
 ROWS: list[tuple[str, str, str, str]] = [
@@ -1152,6 +1491,25 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("5 worker RSS idle (after phases 1-2)", "worker_rss_idle_mb", "MB", ""),
     ("5 worker RSS with them waiting", "worker_rss_mb", "MB", "<= 400"),
     ("5 worker RSS peak during the starts", "worker_rss_peak_mb", "MB", ""),
+    ("7 complaint e2e p50, blueprint", "blueprint_e2e_p50_ms", "ms", ""),
+    ("7 complaint e2e p50, coded", "coded_e2e_p50_ms", "ms", ""),
+    ("7 ratio blueprint / coded e2e (median)", "blueprint_overhead_ratio", "x", "<= 1.10"),
+    ("7   lowest round", "blueprint_overhead_min", "x", ""),
+    ("7   highest round", "blueprint_overhead_max", "x", ""),
+    ("7 worker CPU ms per complaint, blueprint", "blueprint_worker_cpu_ms", "ms", ""),
+    ("7 worker CPU ms per complaint, coded", "coded_worker_cpu_ms", "ms", ""),
+    ("7 ratio blueprint / coded worker CPU", "blueprint_cpu_ratio", "x", "<= 1.10"),
+    ("7   lowest round", "blueprint_cpu_ratio_min", "x", ""),
+    ("7   highest round", "blueprint_cpu_ratio_max", "x", ""),
+    ("7 ratio server+worker+API CPU", "blueprint_stack_cpu_ratio", "x", ""),
+    ("7 waiting blueprint complaints", "blueprint_waiting_instances", "", ""),
+    ("7 all waiting on their first task after", "blueprint_waiting_all_s", "s", ""),
+    ("7 worker RSS before them", "blueprint_worker_rss_idle_mb", "MB", ""),
+    ("7 worker RSS with them waiting", "blueprint_worker_rss_mb", "MB", "<= 400"),
+    ("7 worker RSS peak during the starts", "blueprint_worker_rss_peak_mb", "MB", ""),
+    ("7 publish a 50-stage document p50", "blueprint_publish_p50_ms", "ms", "< 1000"),
+    ("7 publish, slowest of 5", "blueprint_publish_max_ms", "ms", "< 1000"),
+    ("7 validate a 50-stage document p50", "blueprint_validate_p50_ms", "ms", "< 1000"),
 ]
 ENGINE_ROWS = [
     ("4 baseline on WAL pragmas", "wal_tuned_orders_per_s", "orders/s"),
