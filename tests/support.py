@@ -13,11 +13,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -28,6 +30,8 @@ from core.db import make_engine, make_session_factory
 from scripts.migrate import upgrade
 from scripts.run_stack import StackConfig
 from scripts.seed import seed
+
+T = TypeVar("T")
 
 
 def task_snapshot(workflow_id: str, n: int = 1, **fields: Any) -> TaskSnapshot:
@@ -299,3 +303,15 @@ async def seed_database(url: str) -> str:
         _SQLITE_TEMPLATES["seeded"] = seeded
     _settled_copy(seeded, path)
     return url
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60) -> T:
+    """Poll `check` until it gives a value (visibility, the read model and mail are there
+    eventually); AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        await asyncio.sleep(0.3)

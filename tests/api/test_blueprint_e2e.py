@@ -6,12 +6,8 @@ new instance takes v2."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from sqlalchemy import select
@@ -21,13 +17,13 @@ from temporalio.client import Client
 from core.db import ProcessInstance, StageVisit
 from scripts.mailsink import MailSink
 from tests.api.conftest import Api
+from tests.support import eventually
 from workflows.blueprint import check
 
 pytestmark = pytest.mark.timeout(240)
 
 START = "/processes/complaint"
 SEED = Path(__file__).resolve().parents[2] / "blueprints" / "complaint.yaml"
-T = TypeVar("T")
 
 
 def _ticket_no() -> str:
@@ -45,16 +41,6 @@ def _body(ticket_no: str, **extra: object) -> dict:
     }
 
 
-async def _until(check_: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await check_()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        await asyncio.sleep(0.3)
-
-
 async def _task(api: Api, user: str, ticket_no: str) -> dict:
     """The one open task of the ticket in the user's inbox."""
 
@@ -64,13 +50,11 @@ async def _task(api: Api, user: str, ticket_no: str) -> dict:
         items = [t for t in r.json()["items"] if t["status"] == "open"]
         return items[0] if len(items) == 1 else None
 
-    return await _until(found, f"an open task of {ticket_no} in {user}'s inbox")
+    return await eventually(found, f"an open task of {ticket_no} in {user}'s inbox")
 
 
 async def _decide(api: Api, user: str, task_id: str, outcome: str, **body: object):
-    return await api.post(
-        f"/tasks/{task_id}/decision", user, json={"outcome": outcome, **body}
-    )
+    return await api.post(f"/tasks/{task_id}/decision", user, json={"outcome": outcome, **body})
 
 
 async def test_the_complaint_is_listed_with_its_input_schema_stages_and_roles(api: Api):
@@ -108,9 +92,10 @@ async def test_a_bad_start_body_is_422_naming_the_field_and_starts_nothing(
     assert r.status_code == 422
     assert {tuple(e["loc"]) for e in r.json()["detail"]} >= {("body", "summary")}
     async with sessions() as s:
-        assert await s.scalar(
-            select(ProcessInstance).where(ProcessInstance.business_key == ticket_no)
-        ) is None
+        assert (
+            await s.scalar(select(ProcessInstance).where(ProcessInstance.business_key == ticket_no))
+            is None
+        )
 
 
 async def test_a_complaint_runs_through_the_inbox_to_the_customer_and_its_feedback(
@@ -135,7 +120,7 @@ async def test_a_complaint_runs_through_the_inbox_to_the_customer_and_its_feedba
     async def acknowledged() -> list:
         return [m for m in mail_sink.messages if address in m["To"]]
 
-    await _until(acknowledged, "the acknowledgement mail to the customer")
+    await eventually(acknowledged, "the acknowledgement mail to the customer")
 
     task = await _task(api, "stan", ticket_no)
     # a choice the form does not offer, a missing required field: 422, nothing changes
@@ -166,7 +151,7 @@ async def test_a_complaint_runs_through_the_inbox_to_the_customer_and_its_feedba
         status = (await api.get(f"{START}/{ticket_no}", "alice")).json()
         return status if status["stage"] == "feedback" else None
 
-    status = await _until(waiting_for_feedback, "the feedback stage")
+    status = await eventually(waiting_for_feedback, "the feedback stage")
     assert status["open_steps"] == ["feedback_received"]
     event = f"{START}/{ticket_no}/events/feedback_received"
     r = await api.post(event, "alice", json={"score": 9})
@@ -192,7 +177,7 @@ async def test_a_complaint_runs_through_the_inbox_to_the_customer_and_its_feedba
             )
             return row if row is not None and row.status == "completed" else None
 
-    row = await _until(closed, "the read model's closed instance")
+    row = await eventually(closed, "the read model's closed instance")
     assert (row.stage, row.definition_kind) == ("closed", "blueprint")
     assert row.definition_version == started["version"]
     async with sessions() as s:

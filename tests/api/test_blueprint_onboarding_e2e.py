@@ -5,12 +5,8 @@ in stage_visits), the accepted plan's set-up tasks for the team members it names
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import pytest
 from sqlalchemy import select
@@ -18,21 +14,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from core.db import AuditEntry, ProcessInstance, StageVisit
 from tests.api.conftest import Api
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(240)
 
 START = "/processes/customer_onboarding"
-T = TypeVar("T")
-
-
-async def _until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        await asyncio.sleep(0.3)
 
 
 async def _open(api: Api, user: str, key: str, count: int = 1) -> list[dict]:
@@ -42,7 +28,7 @@ async def _open(api: Api, user: str, key: str, count: int = 1) -> list[dict]:
         items = [t for t in r.json()["items"] if t["status"] == "open"]
         return items if len(items) == count else None
 
-    return await _until(found, f"{count} open task(s) of {key} for {user}")
+    return await eventually(found, f"{count} open task(s) of {key} for {user}")
 
 
 async def _decide(api: Api, user: str, task: dict, outcome: str, **body: object) -> None:
@@ -128,7 +114,7 @@ async def test_an_onboarding_runs_through_a_rejected_plan_to_the_named_team_memb
             )
             return row if row is not None and row.status == "completed" else None
 
-    row = await _until(onboarded, "the onboarded instance")
+    row = await eventually(onboarded, "the onboarded instance")
     assert row.stage == "onboarded"
     async with sessions() as s:
         visits = (

@@ -5,11 +5,8 @@ through /processes, its task decided through the inbox, and projected into the r
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -26,13 +23,13 @@ from tests.processes.review import (
     ReviewStart,
     review_workflow_id,
 )
+from tests.support import eventually
 from workflows import registry
 from workflows.registry import ProcessType
 
 pytestmark = pytest.mark.timeout(180)
 
 START = "/processes/review"
-T = TypeVar("T")
 
 
 @pytest.fixture
@@ -58,17 +55,6 @@ def _doc_no() -> str:
 
 def _body(doc_no: str, **extra: object) -> dict:
     return {"doc_no": doc_no, "title": "Supplier contract 2027", **extra}
-
-
-async def _until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60) -> T:
-    """Poll check until it gives a value (visibility and mail are eventually there)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        await asyncio.sleep(0.3)
 
 
 async def _inbox(api: Api, user: str, doc_no: str) -> list[dict]:
@@ -246,7 +232,7 @@ async def test_a_manager_claims_releases_and_approves_it_through_the_inbox(
         assert page.status_code == 200, page.text
         return next(iter(page.json()["items"]), None)
 
-    hit = await _until(waiting, "the review waiting for a manager in visibility")
+    hit = await eventually(waiting, "the review waiting for a manager in visibility")
     assert (hit["business_key"], hit["stage"], hit["status"]) == (doc_no, "review", "RUNNING")
     assert hit["pending_roles"] == ["manager"] and hit["customer_id"] == customer
 
@@ -273,7 +259,7 @@ async def test_a_manager_claims_releases_and_approves_it_through_the_inbox(
         hits = [h for h in page.json()["items"] if h["status"] == "COMPLETED"]
         return hits[0] if hits else None
 
-    hit = await _until(found, "the approved review in visibility")
+    hit = await eventually(found, "the approved review in visibility")
     assert (hit["business_key"], hit["workflow_id"]) == (doc_no, review_workflow_id(doc_no))
     assert (hit["process_type"], hit["requester"]) == ("review", "alice")
     mine = await api.get("/processes", "bob", params={"process_type": "review"})
@@ -325,7 +311,7 @@ async def test_the_requester_cancels_a_reminded_review_and_no_one_else_may(
             rows = await s.scalars(select(SlaEvent).where(SlaEvent.workflow_id == wid))
             return [e for e in rows if e.kind == "reminded"]
 
-    [event] = await _until(reminded, "the reminder's SLA event")
+    [event] = await eventually(reminded, "the reminder's SLA event")
     assert (event.task_id, event.sla) == (task["task_id"], "review")
 
     def reminder_mail() -> list:
@@ -339,7 +325,7 @@ async def test_the_requester_cancels_a_reminded_review_and_no_one_else_may(
     async def mailed() -> list:
         return reminder_mail()
 
-    await _until(mailed, "the reminder mail to the manager")
+    await eventually(mailed, "the reminder mail to the manager")
 
     url = f"{START}/{doc_no}/cancel"
     r = await api.post(url, "mike", json={"reason": "not mine to cancel"})

@@ -54,10 +54,17 @@ scenarios:
 `load(path)` reads a file into the models below, refusing unknown keys, and checks it against
 its seed: step, stage, event and field names, actors, error types, the start body. Every
 error names the file, the scenario and the step index. `run(worker, loaded, name)` runs one
-scenario on a `scenario_worker(env)` (the interpreter with the fake activities of
-`tests/blueprints/conftest.py`; the scenario sees its own instance's calls and mails);
-a step that does not hold raises `ScenarioFailed` naming the scenario, the step index and
-what was found. With `record` (a directory), it writes the instance's history as
+scenario on a `ScenarioWorker`: `scenario_worker(env)` (the interpreter with the fake
+activities of `tests/blueprints/conftest.py`), or one the caller runs beside the real
+activities (tests/blueprints/test_scenarios_real.py). A step that does not hold raises
+`ScenarioFailed` naming the scenario, the step index and what was found.
+
+What a run checks besides the instance's status (`mails`, `calls`) it reads through the
+worker's `Observer`, since the instance's start: `FakeObserver` (what the fakes were asked)
+or `DatabaseObserver` (what the real activities wrote: the outbox's subjects; the catalog
+calls from the rows they write, keyed by the call's idempotency key). With `inspect`, `run`
+hands the `Outcome` to the caller once every step and the end held, before it terminates an
+instance that still runs. With `record` (a directory), it writes the instance's history as
 `blueprint__<process>__<scenario>.json` (`{"workflow_id", "history"}`), the format of
 `tests/histories/`: record only on the dev server (a scenario with `advance` cannot run there).
 """
@@ -68,11 +75,11 @@ import contextlib
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import yaml
 from pydantic import (
@@ -85,6 +92,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -95,13 +104,14 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.models import Notification
+from activities.blueprint_calls import NOTE, SYSTEM
+from core.db import AuditEntry, OutboxMessage
 from tests.blueprints.conftest import SEEDS, BlueprintHarness, CallFakes
 from workflows import errors
 from workflows.blueprint import check, types
 from workflows.blueprint import engine as eng
 from workflows.blueprint.interpreter import BlueprintResult, BlueprintStatus, BlueprintWorkflow
-from workflows.blueprint.model import ApprovalStep, Blueprint, FieldSpec, TaskStep
+from workflows.blueprint.model import ApprovalStep, Blueprint, CallStep, FieldSpec, TaskStep
 from workflows.human_task import Actor, DecideInput
 from workflows.kernel import CancelInput, HumanProcess
 from workflows.registry import ProcessType
@@ -451,6 +461,158 @@ class _Fit:
                 self.unknown(f"{where}: visits", "stage", name, self.stages)
 
 
+# ----------------------------------------------------------------------------- observers
+class Observed(Protocol):
+    """What one instance left outside its status since it was watched."""
+
+    async def mails(self) -> list[str]:
+        """The subjects of the mails it queued, in order."""
+        ...
+
+    async def calls(self) -> list[str]:
+        """Its catalog calls in order: `<activity>:<template>`, or `<activity>` without one."""
+        ...
+
+
+class Observer(Protocol):
+    """Where a run reads the mails and calls of an instance (see `Observed`)."""
+
+    async def watch(self, loaded: Loaded, workflow_id: str) -> Observed:
+        """Watch `workflow_id` from now on (called before the instance starts)."""
+        ...
+
+
+def _call_label(activity: str, template: Any) -> str:
+    return f"{activity}:{template}" if template else activity
+
+
+@dataclass
+class FakeObserver:
+    """What the fake activities (`CallFakes`) were asked."""
+
+    fakes: CallFakes
+
+    async def watch(self, loaded: Loaded, workflow_id: str) -> _FakeObserved:
+        fakes = self.fakes
+        return _FakeObserved(fakes, workflow_id, len(fakes.calls), len(fakes.batches))
+
+
+@dataclass
+class _FakeObserved:
+    fakes: CallFakes
+    workflow_id: str
+    first_call: int  # where this instance's calls and mails begin among the worker's
+    first_batch: int
+
+    async def mails(self) -> list[str]:
+        batches = self.fakes.batches[self.first_batch :]
+        return [m.subject for b in batches for m in b.mails if m.workflow_id == self.workflow_id]
+
+    async def calls(self) -> list[str]:
+        return [
+            _call_label(name, req.params.get("template"))
+            for name, req in self.fakes.calls[self.first_call :]
+            if req.workflow_id == self.workflow_id
+        ]
+
+
+# the row each catalog activity writes (activities/blueprint_calls.py), keyed by the call's
+# idempotency key "<workflow_id>:<stage>:<visit>:<step>"
+CALL_ROWS: dict[str, type[OutboxMessage] | type[AuditEntry]] = {
+    "notify_customer": OutboxMessage,
+    "notify_role": OutboxMessage,
+    "record_note": AuditEntry,
+}
+
+
+@dataclass
+class DatabaseObserver:
+    """What the real activities wrote to the records database: the outbox (the mails of the
+    projections and of the catalog's mail calls) and the audit log (`record_note`). A call is
+    told by its row's idempotency key, whose stage and step name the blueprint's call step,
+    and so its activity and its template; the calls are ordered by the (real) time their rows
+    were written. A call that failed wrote nothing, and is not seen (the fakes see it)."""
+
+    sessions: async_sessionmaker
+
+    async def watch(self, loaded: Loaded, workflow_id: str) -> _DatabaseObserved:
+        steps: dict[tuple[str, str], str] = {}  # (stage, step) -> its call's label
+        for stage_name, stage in loaded.blueprint.stages.items():
+            for key, place in eng.stage_layout(stage).places.items():
+                if not isinstance(place.step, CallStep):
+                    continue
+                if place.step.call not in CALL_ROWS:
+                    raise ValueError(
+                        f"{loaded.path.name}: the database shows no call of {place.step.call} "
+                        f"(stage {stage_name}, step {key}); it knows {', '.join(CALL_ROWS)}"
+                    )
+                template = place.step.with_.get("template")
+                if template is not None and not isinstance(template, str):
+                    raise ValueError(f"{stage_name}.{key}: a template from a field: {template}")
+                steps[(stage_name, key)] = _call_label(place.step.call, template)
+        async with self.sessions() as session:
+            first_mail = await session.scalar(select(func.max(OutboxMessage.id)))
+            first_note = await session.scalar(select(func.max(AuditEntry.id)))
+        return _DatabaseObserved(
+            self.sessions, workflow_id, steps, first_mail or 0, first_note or 0
+        )
+
+
+@dataclass
+class _DatabaseObserved:
+    sessions: async_sessionmaker
+    workflow_id: str
+    steps: dict[tuple[str, str], str]
+    first_mail: int  # the newest ids when the watch began: the rows after are the instance's
+    first_note: int
+
+    async def mails(self) -> list[str]:
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(OutboxMessage.subject)
+                .where(
+                    OutboxMessage.workflow_id == self.workflow_id,
+                    OutboxMessage.id > self.first_mail,
+                )
+                .order_by(OutboxMessage.id)
+            )
+            return list(rows)
+
+    async def calls(self) -> list[str]:
+        async with self.sessions() as session:
+            mails = await session.execute(
+                select(
+                    OutboxMessage.idempotency_key, OutboxMessage.created_at, OutboxMessage.id
+                ).where(
+                    OutboxMessage.workflow_id == self.workflow_id,
+                    OutboxMessage.id > self.first_mail,
+                )
+            )
+            notes = await session.execute(
+                select(AuditEntry.event_key, AuditEntry.at, AuditEntry.id).where(
+                    AuditEntry.workflow_id == self.workflow_id,
+                    AuditEntry.id > self.first_note,
+                    AuditEntry.action == NOTE,
+                    AuditEntry.actor == SYSTEM,
+                )
+            )
+            found = [(at, 0, i, self._call(key, OutboxMessage)) for key, at, i in mails]
+            found += [(at, 1, i, self._call(key, AuditEntry)) for key, at, i in notes]
+        # the calls run one after the other: the time each wrote its row orders them
+        return [label for *_, label in sorted(found) if label is not None]
+
+    def _call(self, key: str, table: type) -> str | None:
+        """The label of the call a row's key names, or None for a row no call wrote."""
+        rest = key.removeprefix(f"{self.workflow_id}:")
+        parts = rest.split(":")
+        if rest == key or len(parts) != 3 or not parts[1].isdigit():
+            return None
+        label = self.steps.get((parts[0], parts[2]))
+        if label is None or CALL_ROWS[label.split(":", 1)[0]] is not table:
+            return None
+        return label
+
+
 # ----------------------------------------------------------------------------- running
 @dataclass
 class Outcome:
@@ -458,21 +620,29 @@ class Outcome:
 
     status: BlueprintStatus
     recorded: Path | None = None
+    observed: Observed | None = None  # what the worker's observer saw of the instance
 
     @property
     def transitions(self) -> list[str]:
         return self.status.transitions
 
+    @property
+    def workflow_id(self) -> str:
+        return self.status.workflow_id
+
 
 @dataclass
 class ScenarioWorker:
-    """The interpreter's worker on a task queue of `env`, with the fake activities of
-    conftest.py, shared by the scenarios run on it (one after the other): each scenario sees
-    the calls and mails of its own instance."""
+    """A worker running the interpreter on a task queue of `env`, shared by the scenarios run
+    on it (one after the other), and where the runs read what their instances did besides
+    their status: `scenario_worker` (the fakes of conftest.py), or one the caller runs beside
+    the real activities, with a `DatabaseObserver`."""
 
     env: WorkflowEnvironment
     task_queue: str
-    fakes: CallFakes
+    observer: Observer
+    # the fake activities, if they run here (the harness's; nothing reads them otherwise)
+    fakes: CallFakes = field(default_factory=CallFakes)
 
 
 @contextlib.asynccontextmanager
@@ -485,20 +655,29 @@ async def scenario_worker(env: WorkflowEnvironment) -> AsyncIterator[ScenarioWor
         workflows=[BlueprintWorkflow],
         activities=fakes.activities(),
     ):
-        yield ScenarioWorker(env, task_queue, fakes)
+        yield ScenarioWorker(env, task_queue, FakeObserver(fakes), fakes)
+
+
+Inspect = Callable[[Outcome], Awaitable[None]]
 
 
 async def run(
-    worker: ScenarioWorker, loaded: Loaded, name: str, *, record: Path | None = None
+    worker: ScenarioWorker,
+    loaded: Loaded,
+    name: str,
+    *,
+    record: Path | None = None,
+    inspect: Inspect | None = None,
 ) -> Outcome:
     """Run the scenario `name` of `loaded` on `worker` (ScenarioFailed when a step does not
-    hold); with `record`, write its history there. The instance is terminated at the end if
-    it still runs."""
+    hold); with `record`, write its history there; with `inspect`, await it with the outcome
+    once every step and the end held. The instance is terminated at the end if it still
+    runs."""
     scenario = loaded.scenario(name)
     if record is not None and scenario.passes_time:
         raise ValueError(f"{name} lets time pass: it cannot be recorded on the dev server")
     harness = BlueprintHarness(worker.env.client, worker.env, worker.task_queue, worker.fakes)
-    runner = _Runner(loaded, scenario, harness)
+    runner = _Runner(loaded, scenario, harness, worker.observer)
     try:
         await runner.start()
         for i, step in enumerate(scenario.steps):
@@ -509,22 +688,26 @@ async def run(
         written = None
         if record is not None:
             written = await runner.record(record)
-        return Outcome(status=status, recorded=written)
+        outcome = Outcome(status=status, recorded=written, observed=runner.observed)
+        if inspect is not None:
+            await inspect(outcome)
+        return outcome
     finally:
         await harness.terminate_leftovers()
 
 
 class _Runner:
-    def __init__(self, loaded: Loaded, scenario: Scenario, harness: BlueprintHarness) -> None:
+    def __init__(
+        self, loaded: Loaded, scenario: Scenario, harness: BlueprintHarness, observer: Observer
+    ) -> None:
         self.loaded = loaded
         self.scenario = scenario
         self.harness = harness
+        self.observer = observer
+        self.observed: Observed | None = None
         self.handle: WorkflowHandle | None = None
         self.at = "start"
         self.closed: BlueprintStatus | None = None
-        # where this instance's calls and mails begin among the worker's
-        self.first_call = len(harness.fakes.calls)
-        self.first_batch = len(harness.fakes.batches)
 
     # ------------------------------------------------------------------ helpers
     def fail(self, message: str) -> ScenarioFailed:
@@ -538,6 +721,11 @@ class _Runner:
     def h(self) -> WorkflowHandle:
         assert self.handle is not None
         return self.handle
+
+    @property
+    def obs(self) -> Observed:
+        assert self.observed is not None
+        return self.observed
 
     async def status(self) -> BlueprintStatus:
         """The status once the instance has acted on everything so far (the `settle`
@@ -563,12 +751,16 @@ class _Runner:
 
     # ------------------------------------------------------------------ steps
     async def start(self) -> None:
+        ptype = self.loaded.ptype
         try:
-            self.handle = await self.harness.start(
-                self.loaded.ptype, self.scenario.start, requester=self.scenario.requester
-            )
+            details = ptype.start_model.model_validate(self.scenario.start)
         except ValidationError as err:  # load() checked it; kept for a clear message
             raise self.fail(f"start: {err}") from None
+        workflow_id = ptype.workflow_id(ptype.business_key(details))
+        self.observed = await self.observer.watch(self.loaded, workflow_id)
+        self.handle = await self.harness.start(
+            ptype, self.scenario.start, requester=self.scenario.requester
+        )
 
     async def step(self, step: Step) -> None:
         if step.decide is not None:
@@ -677,12 +869,12 @@ class _Runner:
             elif sorted(found) != sorted(roles):
                 wrong.append(f"candidates of {step} are {found}, not {roles}")
         if expect.mails is not None:
-            subjects = [m.subject for m in self.mails()]
+            subjects = await self.obs.mails()
             missing = [s for s in expect.mails if s not in subjects]
             if missing:
                 wrong.append(f"mails not queued: {missing}; queued: {subjects}")
         if expect.calls is not None:
-            calls = self.calls()
+            calls = await self.obs.calls()
             if calls != expect.calls:
                 wrong.append(f"calls are {calls}, not {expect.calls}")
         if wrong:
@@ -702,19 +894,6 @@ class _Runner:
         if len(found) != 1:
             return None
         return list(found[0].candidate_roles)
-
-    def mails(self) -> list[Notification]:
-        batches = self.harness.fakes.batches[self.first_batch :]
-        return [m for b in batches for m in b.mails if m.workflow_id == self.h.id]
-
-    def calls(self) -> list[str]:
-        out = []
-        for name, req in self.harness.fakes.calls[self.first_call :]:
-            if req.workflow_id != self.h.id:
-                continue
-            template = req.params.get("template")
-            out.append(f"{name}:{template}" if template else name)
-        return out
 
     async def finish(self) -> BlueprintStatus:
         status = await self.status()
