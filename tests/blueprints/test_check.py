@@ -482,6 +482,33 @@ def test_end_requiring_an_unknown_field_is_refused() -> None:
     assert refused(doc) == [("stages.finished.end.required.0", message)]
 
 
+def test_an_end_requiring_a_field_no_path_guarantees_is_refused() -> None:
+    """Without it a person's decision into the end is refused and the instance waits forever."""
+    doc = tiny()
+    doc["stages"]["finished"]["end"]["required"] = ["ref", "tier"]  # ref: a required input
+    [(loc, message)] = refused(doc)
+    assert loc == "stages.finished.end.required.1"
+    assert message.startswith("no path guarantees 'tier' a value before this end")
+    # the analysis is per stage, not per outcome: `note`, required for `done` only, is not
+    # guaranteed (though only `done` leaves for the end); required for each outcome, it is
+    doc["stages"]["finished"]["end"]["required"] = ["note"]
+    assert [loc for loc, _ in refused(doc)] == ["stages.finished.end.required.0"]
+    task(doc)["required"] = {"done": ["note"], "redo": ["note"]}
+    parse_blueprint(doc)
+    # ... unless a deadline can close the task, without any of its fields
+    task(doc)["timers"] = {"deadline": "P1D", "on_deadline": "done"}
+    assert [loc for loc, _ in refused(doc)] == ["stages.finished.end.required.0"]
+
+
+def test_an_end_field_given_in_every_stage_skipped_by_max_visits_is_guaranteed() -> None:
+    doc = tiny()
+    task(doc)["required"] = {"done": ["note"], "redo": ["note"]}
+    doc["stages"]["work"]["max_visits"] = 2
+    doc["stages"]["work"]["on_max_visits"] = "finished"
+    doc["stages"]["finished"]["end"]["required"] = ["note"]
+    parse_blueprint(doc)  # the third entry into work goes to finished, after work's visits
+
+
 # ----------------------------------------------------------------------------- business time
 def test_business_time_without_a_calendar_is_refused() -> None:
     doc = tiny()

@@ -40,6 +40,7 @@ from pydantic_core import InitErrorDetails
 
 from workflows.blueprint.catalog import CATALOG
 from workflows.blueprint.model import (
+    COMMENT,
     ORDERED_TYPES,
     ORDERINGS,
     ApprovalStep,
@@ -205,6 +206,7 @@ def document_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
     successors = _successors(blueprint)
     unbounded = _redirect_errors(blueprint) + _loop_errors(blueprint, successors)
     errors += _reach_errors(blueprint, successors) + unbounded
+    errors += _end_field_errors(blueprint)
     if not unbounded:  # with an unbounded loop the worst case has no bound
         errors += _budget_errors(blueprint, successors)
     return errors
@@ -533,6 +535,60 @@ def _successors(blueprint: Blueprint) -> dict[str, list[str]]:
         )
         for name, stage in blueprint.stages.items()
     }
+
+
+def _guaranteed_by(stage: Stage, blueprint: Blueprint) -> set[str]:
+    """The fields every run of the stage's steps leaves with a value: those a task requires
+    for each of its outcomes (a task without a deadline: a deadline closes it without any),
+    and the required fields of an event waited for without a timeout."""
+    found: set[str] = set()
+    for _, step in walk_steps(stage.do, ()):
+        if isinstance(step, TaskStep) and not (step.timers and step.timers.deadline):
+            needs = step.needs()
+            if len(needs) == len(step.outcomes):
+                found |= set.intersection(*(set(n) for n in needs.values())) - {COMMENT}
+        elif isinstance(step, WaitStep) and step.wait.event and step.wait.timeout is None:
+            event = blueprint.events.get(step.wait.event)
+            found |= {f for f, spec in (event.fields if event else {}).items() if spec.required}
+    return found
+
+
+def _end_field_errors(blueprint: Blueprint) -> list[InitErrorDetails]:
+    """An end's required fields must have a value on every path into it: a person's decision
+    that would end there without one is refused, and an instance with no other way on would
+    wait forever. Fields only ever gain values, so a must-analysis over the stage graph."""
+    if blueprint.start not in blueprint.stages:
+        return []
+    every = set(_field_index(blueprint)[0]) | {COMMENT}
+    start = {name for name, spec in blueprint.input.items() if spec.required}
+    before = {name: set(every) for name in blueprint.stages}  # what holds on entry
+    before[blueprint.start] = set(start)
+    gains = {name: _guaranteed_by(stage, blueprint) for name, stage in blueprint.stages.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name, stage in blueprint.stages.items():
+            for rule in stage.then or ():
+                if rule.target not in blueprint.stages:
+                    continue
+                after = before[name] | gains[name]
+                # an entry max_visits sends on: each stage skipped had a visit (or more)
+                for target in _redirected(blueprint, rule.target):
+                    narrowed = before[target] & after
+                    if target != blueprint.start and narrowed != before[target]:
+                        before[target], changed = narrowed, True
+                    after = after | gains[target]
+    errors = []
+    for name, stage in blueprint.stages.items():
+        for i, field in enumerate(stage.end.required if stage.end else ()):
+            if field in every and field not in before[name]:  # (an unknown one: said above)
+                message = f"no path guarantees {field!r} a value before this end: give it "
+                message += "by a required input field, a task that requires it for each of its "
+                message += "outcomes (and has no deadline), or an event waited for without a "
+                message += "timeout, on every path here"
+                loc = ("stages", name, "end", "required", i)
+                errors.append(document_error(loc, "end_field_unset", message, field))
+    return errors
 
 
 def _reachable(successors: Mapping[str, list[str]], start: str) -> dict[str, None]:

@@ -495,14 +495,8 @@ def field_specs(blueprint: Blueprint) -> dict[str, FieldSpec]:
 
 
 def task_required(step: TaskStep) -> dict[str, list[str]]:
-    """Outcome -> what it needs: the fields `required` names for it, and every field of the
-    form that says `required: true`."""
-    always = [name for name, spec in step.fields.items() if spec.required]
-    needed = {
-        outcome: list(dict.fromkeys([*step.required.get(outcome, []), *always]))
-        for outcome in step.outcomes
-    }
-    return {outcome: names for outcome, names in needed.items() if names}
+    """Outcome -> what it needs (`TaskStep.needs`)."""
+    return step.needs()
 
 
 def task_times(timers: Timers | None) -> TaskTimes:

@@ -549,6 +549,16 @@ class TaskStep(StepModel):
     def step_outcomes(self) -> tuple[str, ...]:
         return tuple(self.outcomes)
 
+    def needs(self) -> dict[str, list[str]]:
+        """Outcome -> what a person choosing it must give: the fields `required` names for it,
+        and every field of the form that says `required: true` (and `comment`, if named)."""
+        always = [name for name, spec in self.fields.items() if spec.required]
+        needed = {
+            outcome: list(dict.fromkeys([*self.required.get(outcome, []), *always]))
+            for outcome in self.outcomes
+        }
+        return {outcome: names for outcome, names in needed.items() if names}
+
 
 def _not_outcome(loc: Loc, outcome: str, outcomes: Sequence[str]) -> InitErrorDetails:
     message = f"{outcome!r} is not an outcome of the task; its outcomes: {', '.join(outcomes)}"
