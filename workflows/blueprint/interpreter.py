@@ -449,18 +449,33 @@ class BlueprintWorkflow(HumanProcess):
         return f"{self.blueprint.title} {self.rt.business_key}"
 
     def check_decision(self, task: HumanTask, inp: DecideInput) -> None:
-        """The engine's checks of a task's decision (typed fields, an end's required fields),
-        on a copy of the state: refused here, nothing enters history."""
+        """The engine's checks of a decision (a task's typed fields; for a decision that ends
+        the stage, the end's required fields), on a copy of the state: refused here, nothing
+        enters history. An approval's decision is checked once it settles its level."""
         key = next((k for k, link in self.links.items() if task.task_id in link.tasks), None)
-        if key is None or self.links[key].kind != "task":
-            return  # an approval: the board's checks are all there are
-        event = eng.TaskClosed(
-            step=key,
-            outcome=inp.outcome,
-            fields=dict(inp.fields),
-            comment=inp.comment,
-            by=inp.actor.username,
-        )
+        if key is None:
+            return
+        link = self.links[key]
+        event: eng.EngineEvent
+        if link.approval is not None:  # a decision that settles its level: what comes next
+            decided = task.model_copy(
+                update={"status": "closed", "outcome": inp.outcome, "decided_by": "?"}
+            )
+            tasks = [decided if t == task.task_id else self.rt.board.tasks[t] for t in link.tasks]
+            outcome = level_outcome(link.approval, tasks)
+            if outcome is None:
+                return
+            event = eng.ApprovalDecided(
+                step=key, level=link.level, outcome=outcome, by=inp.actor.username
+            )
+        else:
+            event = eng.TaskClosed(
+                step=key,
+                outcome=inp.outcome,
+                fields=dict(inp.fields),
+                comment=inp.comment,
+                by=inp.actor.username,
+            )
         try:
             eng.apply(self.blueprint, self.engine, event)
         except eng.EngineRefusal as err:
