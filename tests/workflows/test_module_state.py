@@ -147,9 +147,7 @@ def _workflow_modules() -> list[str]:
 def test_workflow_module_keeps_no_mutable_state(name: str) -> None:
     module = importlib.import_module(name)
     state = {k: v for k, v in _module_state(module).items() if (name, k) not in CONTENT_ADDRESSED}
-    assert state == {}, (
-        f"{name} has module-level mutable state shared by all instances"
-    )
+    assert state == {}, f"{name} has module-level mutable state shared by all instances"
 
 
 def test_the_content_addressed_cache_gives_frozen_blueprints() -> None:
