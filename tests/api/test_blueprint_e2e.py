@@ -197,8 +197,34 @@ async def test_a_complaint_runs_through_the_inbox_to_the_customer_and_its_feedba
         "follow_up",
         "closed",
     ]
-    hits = await api.get("/processes", "marco", params={"process_type": "complaint"})
-    assert hits.status_code == 200, hits.text
+
+    # Temporal visibility: the type, the end stage and the requester, searchable like a sales
+    # order's (eventually consistent)
+    async def listed() -> dict | None:
+        r = await api.get(
+            "/processes", "marco", params={"process_type": "complaint", "stage": "closed"}
+        )
+        assert r.status_code == 200, r.text
+        return next((h for h in r.json()["items"] if h["business_key"] == ticket_no), None)
+
+    hit = await eventually(listed, "the closed complaint in Temporal visibility")
+    assert (hit["workflow_id"], hit["requester"]) == (started["workflow_id"], "alice")
+    assert hit["pending_roles"] == []
+
+
+async def test_a_waiting_complaint_is_found_by_the_role_it_waits_for(live_api: Api):
+    api, ticket_no = live_api, _ticket_no()
+    r = await api.post(START, "alice", json=_body(ticket_no))
+    assert r.status_code == 201, r.text
+
+    async def listed() -> dict | None:
+        r = await api.get("/processes", "stan", params={"pending_role": "support"})
+        assert r.status_code == 200, r.text
+        return next((h for h in r.json()["items"] if h["business_key"] == ticket_no), None)
+
+    hit = await eventually(listed, "the waiting complaint under PendingRoles = support")
+    assert (hit["process_type"], hit["stage"]) == ("complaint", "acknowledge")
+    assert hit["pending_roles"] == ["support"]
 
 
 async def test_the_requester_cancels_a_complaint(live_api: Api):
