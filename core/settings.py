@@ -44,6 +44,25 @@ class Settings(BaseSettings):
         "slot within temporal_rpc_timeout_s is answered 503 with Retry-After",
     )
 
+    # Payload encryption (issue 14): AES-GCM on every payload the client, worker and API send
+    payload_encryption: bool = Field(
+        False, description="encrypt workflow payloads (AES-GCM) on the client, worker and API"
+    )
+    payload_keys: str = Field(
+        "",
+        description="encryption keys, `<key id>=<base64 of 32 bytes>` separated by commas, the "
+        "newest last (it encrypts; every listed key decrypts); never commit them",
+    )
+    payload_keys_file: str = Field(
+        "", description="a file holding payload_keys' text instead (one `id=key` per line)"
+    )
+
+    # Logs (issue 14)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: readable lines; json: one JSON object per line"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     # Business records
     database_url: str = Field(
         f"sqlite+aiosqlite:///{DATA_DIR}/procflow.db",
