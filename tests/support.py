@@ -24,9 +24,14 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
+from temporalio.client import WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
 
 from activities.models import TaskSnapshot
 from core.db import make_engine, make_session_factory
+from core.temporal import SEARCH_ATTRIBUTES
 from scripts.migrate import upgrade
 from scripts.run_stack import StackConfig
 from scripts.seed import seed
@@ -315,3 +320,32 @@ async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeou
             return found
         assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
         await asyncio.sleep(0.3)
+
+
+async def start_dev_server(*extra_args: str) -> WorkflowEnvironment:
+    """A Temporal dev server of its own (shut it down), with this project's search attributes,
+    the pydantic data converter, no UI; `extra_args` go to `temporal server start-dev`."""
+    args = [*extra_args]
+    for name, type_ in SEARCH_ATTRIBUTES.items():
+        args += ["--search-attribute", f"{name}={type_}"]
+    return await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=binary("temporal"),
+        dev_server_extra_args=args,
+        ui=False,
+    )
+
+
+async def update_latest_run(
+    handle: WorkflowHandle, update: str, arg: Any = None, result_type: type | None = None
+) -> Any:
+    """An update that reaches a run as it continues as new is sent again to the next run."""
+    for _ in range(20):
+        try:
+            if arg is None:
+                return await handle.execute_update(update, result_type=result_type)
+            return await handle.execute_update(update, arg, result_type=result_type)
+        except RPCError as err:
+            if "closing" not in err.message and "completed" not in err.message:
+                raise
+    raise AssertionError("the update never reached a running run")

@@ -9,15 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from temporalio.client import WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from core.temporal import SEARCH_ATTRIBUTES
 from tests.blueprints.conftest import SEEDS, CallFakes, seed_type
-from tests.support import binary
+from tests.support import start_dev_server, update_latest_run
 from workflows.blueprint import check, types
 from workflows.blueprint.interpreter import BlueprintResult, BlueprintStatus, BlueprintWorkflow
 from workflows.human_task import Actor, DecideInput, TaskActionInput
@@ -31,30 +27,13 @@ SUPPORT = Actor(username="stan", roles=["support"])
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def early_env() -> AsyncIterator[WorkflowEnvironment]:
-    args = ["--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={SUGGEST_AFTER}"]
-    for name, type_ in SEARCH_ATTRIBUTES.items():
-        args += ["--search-attribute", f"{name}={type_}"]
-    env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
-        dev_server_existing_path=binary("temporal"),
-        dev_server_extra_args=args,
-        ui=False,
+    env = await start_dev_server(
+        "--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={SUGGEST_AFTER}"
     )
     try:
         yield env
     finally:
         await env.shutdown()
-
-
-async def _update(handle: WorkflowHandle, update: str, arg, result_type=None):
-    """An update that reaches a run as it continues as new is sent again to the next run."""
-    for _ in range(20):
-        try:
-            return await handle.execute_update(update, arg, result_type=result_type)
-        except RPCError as err:
-            if "closing" not in err.message and "completed" not in err.message:
-                raise
-    raise AssertionError("the update never reached a running run")
 
 
 async def test_a_blueprint_instance_continues_as_new_on_its_pinned_version(early_env) -> None:
@@ -78,7 +57,7 @@ async def test_a_blueprint_instance_continues_as_new_on_its_pinned_version(early
             task_queue=queue,
         )
         handle = client.get_workflow_handle(start.id)  # the latest run
-        first = await _update(handle, "settle", None, BlueprintStatus)
+        first = await update_latest_run(handle, "settle", None, BlueprintStatus)
         [task] = first.pending_tasks
         # a newer version is published meanwhile: the running instance never takes it
         v2 = check.load_yaml((SEEDS / "complaint.yaml").read_text())
@@ -86,8 +65,9 @@ async def test_a_blueprint_instance_continues_as_new_on_its_pinned_version(early
         assert types.from_document(v2).version != v1.version
         for _ in range(ROUNDS):
             for action in ("claim", "release"):
-                await _update(handle, action, TaskActionInput(task_id=task.task_id, actor=SUPPORT))
-        status = await _update(handle, "settle", None, BlueprintStatus)
+                arg = TaskActionInput(task_id=task.task_id, actor=SUPPORT)
+                await update_latest_run(handle, action, arg)
+        status = await update_latest_run(handle, "settle", None, BlueprintStatus)
         assert status.version == v1.version and status.title == "Customer complaint"
         [carried] = status.pending_tasks
         assert carried.task_id == task.task_id and carried.due_at == task.due_at
@@ -97,8 +77,9 @@ async def test_a_blueprint_instance_continues_as_new_on_its_pinned_version(early
             ("acknowledged", {}),
             ("not_a_complaint", {}),
         ):
-            open_task = (await _update(handle, "settle", None, BlueprintStatus)).pending_tasks[0]
-            await _update(
+            settled = await update_latest_run(handle, "settle", None, BlueprintStatus)
+            open_task = settled.pending_tasks[0]
+            await update_latest_run(
                 handle,
                 "decide",
                 DecideInput(

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from core.temporal import SEARCH_ATTRIBUTES
 from tests.blueprints import scenarios
 from tests.blueprints.conftest import SEEDS
-from tests.support import binary
+from tests.support import start_dev_server
 from tests.workflows.conftest import start_time_skipping
 
 FILES = sorted(SEEDS.glob("*.scenarios.yml"))
@@ -67,15 +65,7 @@ class Runs:
 
 async def _dev_server() -> WorkflowEnvironment:
     """The dev server, as tests/workflows/conftest.py's `ts_env` starts it for recording."""
-    args = []
-    for name, type_ in SEARCH_ATTRIBUTES.items():
-        args += ["--search-attribute", f"{name}={type_}"]
-    return await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
-        dev_server_existing_path=binary("temporal"),
-        dev_server_extra_args=args,
-        ui=False,
-    )
+    return await start_dev_server()
 
 
 @pytest_asyncio.fixture(scope="session")

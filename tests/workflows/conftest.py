@@ -43,8 +43,8 @@ from activities.models import (
     StockRequest,
     StockResult,
 )
-from core.temporal import SEARCH_ATTRIBUTES, register_search_attributes
-from tests.support import binary
+from core.temporal import register_search_attributes
+from tests.support import binary, start_dev_server
 from workflows.human_task import Actor
 from workflows.sales_order import (
     Customer,
@@ -60,15 +60,7 @@ async def ts_env():
     """The time-skipping server; the dev server when recording histories, because histories
     with updates written by the time-skipping server do not replay (its update events differ)."""
     if os.environ.get("PROCFLOW_RECORD_HISTORIES"):
-        args = []
-        for name, type_ in SEARCH_ATTRIBUTES.items():
-            args += ["--search-attribute", f"{name}={type_}"]
-        env = await WorkflowEnvironment.start_local(
-            data_converter=pydantic_data_converter,
-            dev_server_existing_path=binary("temporal"),
-            dev_server_extra_args=args,
-            ui=False,
-        )
+        env = await start_dev_server()
     else:
         env = await start_time_skipping()
     try:

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.models import PolicyDocument
-from core.temporal import SEARCH_ATTRIBUTES
-from tests.support import binary, record_figure
+from tests.support import record_figure, start_dev_server, update_latest_run
 from workflows.human_task import DecideInput, TaskActionInput
 from workflows.policy import SalesOrderPolicy
 from workflows.sales_order import PaymentEvent, SalesOrderWorkflow, Stage, sales_order_workflow_id
@@ -36,14 +33,8 @@ ROUNDS = int(os.environ.get("PROCFLOW_CAN_ROUNDS", "2500"))  # claim + release e
 
 @pytest_asyncio.fixture(scope="module")
 async def early_env() -> AsyncIterator[WorkflowEnvironment]:
-    args = ["--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={SUGGEST_AFTER}"]
-    for name, type_ in SEARCH_ATTRIBUTES.items():
-        args += ["--search-attribute", f"{name}={type_}"]
-    env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
-        dev_server_existing_path=binary("temporal"),
-        dev_server_extra_args=args,
-        ui=False,
+    env = await start_dev_server(
+        "--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={SUGGEST_AFTER}"
     )
     try:
         yield env
@@ -52,14 +43,7 @@ async def early_env() -> AsyncIterator[WorkflowEnvironment]:
 
 
 async def _update(handle, update, arg):
-    """An update that reaches a run as it continues as new is sent again to the next run."""
-    for _ in range(20):
-        try:
-            return await handle.execute_update(update, arg)
-        except RPCError as err:
-            if "closing" not in err.message and "completed" not in err.message:
-                raise
-    raise AssertionError("the update never reached a running run")
+    return await update_latest_run(handle, update, arg)
 
 
 @pytest.mark.timeout(900)
