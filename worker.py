@@ -26,6 +26,7 @@ from activities.payments import PaymentActivities, PaymentProvider, SandboxPayme
 from activities.reconcile import ReadModelReconciler
 from activities.records import RecordActivities
 from activities.warehouse import WarehouseActivities
+from core import logs
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings, import_process_modules
 from core.temporal import connect
@@ -149,6 +150,7 @@ def build_worker(
 
 
 async def main(settings: Settings) -> None:
+    logs.configure(settings)
     client = await connect(settings)
     engine = make_engine(settings.database_url)
     session_factory = make_session_factory(engine)
@@ -195,5 +197,4 @@ async def main(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     asyncio.run(main(get_settings()))

@@ -272,7 +272,9 @@ class BlueprintCallActivities:
         if inserted is None:
             activity.logger.info("mail %s already queued", req.idempotency_key)
         else:
-            activity.logger.info("mail %s queued for %s", req.idempotency_key, recipients)
+            activity.logger.info(
+                "mail %s queued for %s recipient(s)", req.idempotency_key, len(recipients)
+            )
             if self._mail_queued is not None:
                 self._mail_queued()
         return len(recipients)

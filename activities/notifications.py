@@ -87,7 +87,9 @@ class NotificationActivities:
 
             if recipients:
                 await self._sender.send(recipients, note.subject, note.body)
-                activity.logger.info("notification %s sent to %s", note.idempotency_key, recipients)
+                activity.logger.info(
+                    "notification %s sent to %s recipient(s)", note.idempotency_key, len(recipients)
+                )
             else:
                 activity.logger.warning("notification %s has no recipients", note.idempotency_key)
             row.status = SENT
@@ -351,10 +353,14 @@ class MailDispatcher(BackgroundLoop):
         for row in rows:
             if row.id in partly:
                 self.sent += 1
-                log.warning("mail %s sent, but refused for %s", row.key, partly[row.id])
+                log.warning(
+                    "mail %s sent, but refused for %s recipient(s)",
+                    row.key,
+                    partly[row.id].count("; ") + 1,
+                )
             elif row.recipients:
                 self.sent += 1
-                log.info("mail %s sent to %s", row.key, row.recipients)
+                log.info("mail %s sent to %s recipient(s)", row.key, len(row.recipients))
             else:
                 log.warning("mail %s has no recipients", row.key)
 
@@ -437,9 +443,9 @@ class MailDispatcher(BackgroundLoop):
             )
         self.given_up += 1
         log.error(
-            "mail %s to %s failed for good after %s attempts: %s",
+            "mail %s to %s recipient(s) failed for good after %s attempts: %s",
             row.key,
-            row.recipients,
+            len(row.recipients),
             attempts,
             error,
         )

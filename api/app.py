@@ -19,8 +19,10 @@ from api.deps import TemporalConnection
 from api.errors import TemporalUnavailable, responses
 from api.jsonbody import JsonNumberGuard
 from api.limits import BodySizeLimit, ConcurrencyLimit, RateLimiter
+from api.logcontext import LogContext
 from api.routers import (
     auth,
+    codec,
     definitions,
     health,
     orders,
@@ -31,6 +33,7 @@ from api.routers import (
     tasks,
 )
 from api.security import HashSlots
+from core import logs
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings, import_process_modules
 
@@ -91,6 +94,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app; the engine and the Temporal client are made once, in the lifespan."""
     settings = settings or get_settings()
+    logs.configure(settings)
     import_process_modules(settings.process_modules)  # their types registered, before the routes
 
     @asynccontextmanager
@@ -131,10 +135,13 @@ def create_app(
     )
     app.add_middleware(JsonNumberGuard)  # inside BodySizeLimit (added later: outermost)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(codec.CodecCors, origin=settings.temporal_ui_url)  # /codec/* only
+    app.add_middleware(LogContext)  # outermost: every line of a request carries its context
     errors.install(app)
     for module in (auth, orders, processes, tasks, policies, definitions, outbox):
         app.include_router(module.router, responses=responses(400, 413, 429))
     processes.install_openapi(app)  # each process type's start, event and status schemas
     app.include_router(process_types.router, responses=responses(400, 413, 429))
     app.include_router(health.router, responses=responses(413))
+    app.include_router(codec.router, responses=responses(400, 413, 429))
     return app

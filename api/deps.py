@@ -17,6 +17,7 @@ from api.errors import TemporalUnavailable, unauthorized
 from api.limits import ConcurrencyLimit, RateLimiter
 from api.schemas import Principal
 from api.security import decode_access_token
+from core import logs
 from core.db import User
 from core.settings import Settings
 from core.temporal import connect
@@ -106,6 +107,7 @@ async def get_current_user(
         email=user.email,
         roles=list(user.roles or []),
     )
+    logs.set_user(principal.username)  # this request's log lines name the acting user
     # Give the connection back: a handler that waits on Temporal must not hold one (the
     # session opens a new one if the handler queries).
     await session.close()

@@ -494,6 +494,8 @@ def make_engine(url: str, **kwargs) -> AsyncEngine:
     """
     if url.startswith("sqlite"):
         kwargs.setdefault("connect_args", {"timeout": 30})
+    # an error's text never carries the statement's parameters (personal data) into a log
+    kwargs.setdefault("hide_parameters", True)
     engine = create_async_engine(url, **kwargs)
 
     @event.listens_for(engine.sync_engine, "handle_error")

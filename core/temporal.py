@@ -1,7 +1,9 @@
-"""The only place a Temporal Client is made, always with the pydantic data converter."""
+"""The only place a Temporal Client is made, always with the pydantic data converter (and the
+payload codec of core.codec when payload encryption is configured)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -13,6 +15,7 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 
 from core.settings import Settings
 
@@ -35,11 +38,25 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
 }
 
 
+def data_converter(settings: Settings) -> DataConverter:
+    """The pydantic data converter, with the payload codec of core.codec when the settings ask
+    for one (payload_encryption on, or keys listed to decrypt what was written with them).
+    PayloadKeyError (a ValueError naming the setting) when the key settings are invalid."""
+    from core.codec import EncryptionCodec  # here: the workflows import this module's keys
+
+    codec = EncryptionCodec.from_settings(settings)
+    if codec is None:
+        return pydantic_data_converter
+    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+
+
 async def connect(settings: Settings) -> Client:
+    """A client with data_converter(settings); the key settings are checked before connecting."""
+    converter = data_converter(settings)
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
+        data_converter=converter,
     )
 
 

@@ -50,14 +50,20 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from core import logs
+from core.codec import PayloadKeyError
 from core.settings import Settings
 from core.temporal import (
     SEARCH_ATTRIBUTES,
     SearchAttributeConflict,
     connect,
+    data_converter,
     register_search_attributes,
 )
 
@@ -69,6 +75,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LOCK_FILE = "stack.lock"
 PID_FILE = "stack.pids"
 _print_lock = threading.Lock()
+_json_output = False  # PROCFLOW_LOG_FORMAT=json: every line written is a JSON object
 
 
 class StackError(Exception):
@@ -400,6 +407,7 @@ def temporal_command(
     config: StackConfig,
     binary: str,
     search_attributes: Mapping[str, str] = SEARCH_ATTRIBUTES,
+    codec_endpoint: str | None = None,
 ) -> list[str]:
     cmd = [
         binary, "server", "start-dev",
@@ -412,7 +420,36 @@ def temporal_command(
     ]  # fmt: skip
     for name, kind in search_attributes.items():
         cmd += ["--search-attribute", f"{name}={kind}"]
+    if codec_endpoint:  # the UI decodes through the API for a signed-in operator
+        cmd += ["--ui-codec-endpoint", codec_endpoint]
     return cmd
+
+
+def codec_endpoint(config: StackConfig) -> str:
+    """The API's codec server (api/routers/codec.py), as the browser running the UI reaches it."""
+    return f"http://{config.host}:{config.api_port}/codec"
+
+
+def stack_settings() -> Settings | None:
+    """The settings as the children read them (this environment, and the project's .env); None
+    when they do not validate (the children will say why)."""
+    try:
+        return Settings(_env_file=ROOT / ".env")  # type: ignore[call-arg]
+    except ValidationError:
+        return None
+
+
+def stack_codec_endpoint(config: StackConfig, settings: Settings | None) -> str | None:
+    """The UI's codec endpoint when payloads are encrypted, else None. The worker and API read
+    the same PROCFLOW_PAYLOAD_* settings (they inherit the environment and .env); bad key
+    settings stop the stack here, before anything starts, with the error naming the setting."""
+    if settings is None:
+        return None
+    try:
+        data_converter(settings)
+    except PayloadKeyError as err:
+        raise StackError(str(err)) from None
+    return codec_endpoint(config) if settings.payload_encryption else None
 
 
 def child_env(config: StackConfig) -> dict[str, str]:
@@ -441,12 +478,41 @@ def python_module(module: str, *args: str) -> list[str]:
 
 
 def say(name: str, line: str) -> None:
+    text = _json_line(name, line.rstrip()) if _json_output else f"{name:<9}| {line.rstrip()}"
     with _print_lock:
         try:
-            sys.stdout.write(f"{name:<9}| {line.rstrip()}\n")
+            sys.stdout.write(f"{text}\n")
             sys.stdout.flush()
         except (OSError, ValueError):
             pass  # the terminal is gone (SIGHUP): keep supervising, and keep draining children
+
+
+def _json_line(name: str, text: str) -> str:
+    """PROCFLOW_LOG_FORMAT=json: a child's JSON line with "process": name in front; any other
+    line (the supervisor's, the Temporal dev server's) as a JSON line of its own."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds")
+        parsed = {"ts": ts, "level": "INFO", "logger": name, "message": text}
+    return json.dumps({"process": name, **parsed}, ensure_ascii=False)
+
+
+def log_settings() -> tuple[dict[str, str], Settings | None]:
+    """PROCFLOW_LOG_FORMAT and PROCFLOW_LOG_LEVEL as the settings read them here (environment,
+    or the .env file), for the children; and the settings (None: they do not validate, the
+    children will say why)."""
+    try:
+        settings = Settings()
+    except ValidationError:
+        return {}, None
+    env: dict[str, str] = {
+        "PROCFLOW_LOG_FORMAT": settings.log_format,
+        "PROCFLOW_LOG_LEVEL": settings.log_level,
+    }
+    return env, settings
 
 
 # Runs first in every child on Linux: asks the kernel to SIGTERM the child when the supervisor
@@ -643,9 +709,11 @@ def temporal_ready(config: StackConfig, search_attributes: Mapping[str, str]) ->
 def start_temporal(
     stack: Stack, config: StackConfig, search_attributes: Mapping[str, str] = SEARCH_ATTRIBUTES
 ) -> Child:
-    """Start the dev server and return once a Client can connect and every attribute exists."""
+    """Start the dev server and return once a Client can connect and every attribute exists;
+    with payload encryption on, its UI decodes through the API's codec server."""
+    codec = stack_codec_endpoint(config, stack_settings())
     child = stack.start(
-        "temporal", temporal_command(config, find_temporal_binary(), search_attributes)
+        "temporal", temporal_command(config, find_temporal_binary(), search_attributes, codec)
     )
     ready = partial(temporal_ready, config, search_attributes)
     wait_until(stack, "Temporal server", ready, TEMPORAL_READY_TIMEOUT_S)
@@ -668,6 +736,7 @@ def api_healthy(config: StackConfig) -> bool:
 
 
 def start_stack(stack: Stack, config: StackConfig) -> None:
+    codec = stack_codec_endpoint(config, stack_settings())  # bad keys: stop before starting
     config.data_dir.mkdir(parents=True, exist_ok=True)
     mail_dir = config.data_dir / "mail"
     sink_args = ["--host", config.host, "--port", str(config.smtp_port), "--dir", str(mail_dir)]
@@ -686,7 +755,12 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
     for line in (
         "procflow is up:",
         f"  API docs     {base}:{config.api_port}/docs",
-        f"  Temporal UI  {base}:{config.ui_port}",
+        f"  Temporal UI  {base}:{config.ui_port}"
+        + (
+            f" (payloads encrypted; decoded via {codec}: README, Payload encryption)"
+            if codec
+            else ""
+        ),
         f"  mail         {mail_dir}",
         "Ctrl-C stops everything; the data stays in " + str(config.data_dir),
     ):
@@ -742,8 +816,13 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     for signum in STOP_SIGNALS:  # SIGHUP: the terminal closed; stop as cleanly as on Ctrl-C
         signal.signal(signum, _raise_shutdown)
+    global _json_output
+    log_env, settings = log_settings()
+    if settings is not None:
+        logs.configure(settings)
+        _json_output = settings.log_format == "json"
     lock = DataDirLock(config.data_dir)
-    stack = Stack(child_env(config), pid_file=config.data_dir / PID_FILE)
+    stack = Stack(child_env(config) | log_env, pid_file=config.data_dir / PID_FILE)
     code = 0
     starting = False
     try:

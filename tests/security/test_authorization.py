@@ -70,6 +70,11 @@ ADMITS: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/definitions/{process}/versions/{version}/yaml"): ANY,
     ("POST", "/definitions/{process}"): frozenset({"admin"}),
     ("POST", "/definitions/{process}/validate"): frozenset({"admin"}),
+    # the codec server (payload encryption): operators only; /codec/session sets a cookie that
+    # the client keeps, so it stays the last codec route (the routes' order is the matrix's)
+    ("POST", "/codec/decode"): frozenset({"admin", "manager"}),
+    ("POST", "/codec/encode"): frozenset({"admin", "manager"}),
+    ("POST", "/codec/session"): frozenset({"admin", "manager"}),
 }
 
 
@@ -149,6 +154,8 @@ def _request(
         "/definitions/{process}/validate": lambda: {"json": COMPLAINT},
         # a coded type: 409 once permitted
         "/processes/{process_type}/{business_key}/migrate": lambda: {"json": {}},
+        "/codec/decode": lambda: {"json": {"payloads": []}},
+        "/codec/encode": lambda: {"json": {"payloads": []}},
     }
     key = path if method == "POST" else ""
     extra = bodies.get(key, dict)
