@@ -16,6 +16,7 @@ from types import TracebackType
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -26,7 +27,7 @@ from activities.payments import PaymentActivities, PaymentProvider, SandboxPayme
 from activities.reconcile import ReadModelReconciler
 from activities.records import RecordActivities
 from activities.warehouse import WarehouseActivities
-from core import logs
+from core import logs, tracing
 from core.db import make_engine, make_session_factory
 from core.settings import Settings, get_settings, import_process_modules
 from core.temporal import connect
@@ -126,11 +127,15 @@ def build_worker(
     payments = PaymentActivities(provider, session_factory)
     warehouse = WarehouseActivities(session_factory)
     calls = BlueprintCallActivities(session_factory, mail_queued=dispatcher.wake)
+    # a traced client (PROCFLOW_TRACING_ENABLED): the worker takes its interceptor over, and the
+    # interceptor's workflow side needs opentelemetry passed through the sandbox
+    traced = any(isinstance(i, TracingInterceptor) for i in client.config()["interceptors"])
+    passthrough = (*modules, *(tracing.PASSTHROUGH_MODULES if traced else ()))
     worker = Worker(
         client,
         task_queue=task_queue,
         workflows=registry.workflows(),
-        workflow_runner=workflow_runner(modules) if modules else WORKFLOW_RUNNER,
+        workflow_runner=workflow_runner(passthrough) if passthrough else WORKFLOW_RUNNER,
         activities=[
             records.load_policy,
             records.project,
@@ -151,7 +156,11 @@ def build_worker(
 
 async def main(settings: Settings) -> None:
     logs.configure(settings)
-    client = await connect(settings)
+    tracing.configure_tracing(settings, "procflow-worker")  # before the client's interceptor
+    # the SDK's own metrics (Prometheus) at PROCFLOW_WORKER_METRICS_ADDRESS, when set
+    client = await connect(settings, metrics_address=settings.worker_metrics_address)
+    if settings.worker_metrics_address:
+        logging.info("worker metrics at http://%s/metrics", settings.worker_metrics_address)
     engine = make_engine(settings.database_url)
     session_factory = make_session_factory(engine)
     sender = SmtpSender(

@@ -25,6 +25,7 @@ from api.routers import (
     codec,
     definitions,
     health,
+    metrics,
     orders,
     outbox,
     policies,
@@ -35,7 +36,9 @@ from api.routers import (
 from api.security import HashSlots
 from core import logs
 from core.db import make_engine, make_session_factory
+from core.metrics import ApiMetrics, RequestMetrics
 from core.settings import Settings, get_settings, import_process_modules
+from core.tracing import configure_tracing
 
 log = logging.getLogger("procflow.api")
 
@@ -124,6 +127,9 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's own tracing would follow any global TracerProvider, PROCFLOW_TRACING_ENABLED
+        # or not: the spans are the instrumentation's below, and only when tracing is on
+        telemetry={"tracing": False},
     )
     app.state.settings = settings
     app.state.user_rate = RateLimiter(settings.api_rate_limit_per_minute)
@@ -136,6 +142,9 @@ def create_app(
     app.add_middleware(JsonNumberGuard)  # inside BodySizeLimit (added later: outermost)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(codec.CodecCors, origin=settings.temporal_ui_url)  # /codec/* only
+    if settings.metrics_enabled:  # outside the limits: their 413s and 429s are counted too
+        app.state.metrics = ApiMetrics(settings.metrics_scrape_timeout_s)
+        app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(LogContext)  # outermost: every line of a request carries its context
     errors.install(app)
     for module in (auth, orders, processes, tasks, policies, definitions, outbox):
@@ -144,4 +153,11 @@ def create_app(
     app.include_router(process_types.router, responses=responses(400, 413, 429))
     app.include_router(health.router, responses=responses(413))
     app.include_router(codec.router, responses=responses(400, 413, 429))
+    if settings.metrics_enabled:
+        app.include_router(metrics.router, responses=responses(413))
+    provider = configure_tracing(settings, "procflow-api")
+    if provider is not None:  # tracing on: a server span per request, the parent of its calls
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
     return app

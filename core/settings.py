@@ -63,6 +63,38 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Metrics (issue 14): Prometheus text format
+    metrics_enabled: bool = Field(
+        True,
+        description="the API serves GET /metrics (unauthenticated, on the API port: request "
+        "counts and latencies by route template, and the business series read from the "
+        "database at scrape time)",
+    )
+    metrics_scrape_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="bound on the database queries of one /metrics scrape; past it (or on a "
+        "database error) the business series are left out of that scrape and "
+        "procflow_business_scrape_errors_total goes up",
+    )
+    worker_metrics_address: str = Field(
+        "127.0.0.1:9464",
+        description="host:port where the worker serves the Temporal SDK's own metrics "
+        "(Prometheus, GET /metrics); empty: not served",
+    )
+
+    # Traces (issue 14): OpenTelemetry, one decision one trace (core/tracing.py)
+    tracing_enabled: bool = Field(
+        False,
+        description="trace the API (FastAPI), the Temporal client and the worker (workflow and "
+        "activity spans) with OpenTelemetry",
+    )
+    otlp_endpoint: str = Field(
+        "",
+        description="OTLP/HTTP traces URL the spans are exported to (e.g. "
+        "http://collector:4318/v1/traces); empty: tracing on exports nothing",
+    )
+
     # Business records
     database_url: str = Field(
         f"sqlite+aiosqlite:///{DATA_DIR}/procflow.db",

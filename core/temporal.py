@@ -4,6 +4,7 @@ payload codec of core.codec when payload encryption is configured)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 
@@ -16,8 +17,11 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from core.settings import Settings
+
+log = logging.getLogger("procflow.temporal")
 
 # Search attributes this project keeps current on every instance (registered at server start).
 PROCESS_TYPE = SearchAttributeKey.for_keyword("ProcessType")
@@ -50,13 +54,54 @@ def data_converter(settings: Settings) -> DataConverter:
     return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
 
 
-async def connect(settings: Settings) -> Client:
-    """A client with data_converter(settings); the key settings are checked before connecting."""
+# one SDK runtime per metrics address: a runtime binds its Prometheus port once, for the process
+_METRICS_RUNTIMES: dict[str, Runtime] = {}
+
+
+def metrics_runtime(bind_address: str) -> Runtime:
+    """The Temporal SDK runtime that serves the SDK's own metrics (workflow task and activity
+    latencies, schedule-to-start, sticky cache, slots) in the Prometheus text format at
+    http://<bind_address>/metrics, durations in seconds; one per address for the process.
+    ValueError from the SDK when the address cannot be bound."""
+    runtime = _METRICS_RUNTIMES.get(bind_address)
+    if runtime is None:
+        runtime = Runtime(
+            telemetry=TelemetryConfig(
+                metrics=PrometheusConfig(bind_address=bind_address, durations_as_seconds=True)
+            )
+        )
+        _METRICS_RUNTIMES[bind_address] = runtime
+    return runtime
+
+
+async def connect(settings: Settings, *, metrics_address: str = "") -> Client:
+    """A client with data_converter(settings); the key settings are checked before connecting.
+    metrics_address (the worker passes PROCFLOW_WORKER_METRICS_ADDRESS): the client, and the
+    workers built on it, report the SDK's metrics on that Prometheus endpoint (an address
+    that cannot be bound is logged and the client runs without it, so a second worker on a
+    host still starts); "": the default runtime, no endpoint."""
     converter = data_converter(settings)
+    runtime = None
+    if metrics_address:
+        try:
+            runtime = metrics_runtime(metrics_address)
+        except ValueError as err:  # the address is taken (another worker on this host)
+            log.warning(
+                "Temporal SDK metrics not served at %s (%s): set PROCFLOW_WORKER_METRICS_ADDRESS "
+                "to a free host:port for each worker on a host; running without them",
+                metrics_address,
+                err,
+            )
+    # here: the workflows import this module's keys, and the sandbox need not see OpenTelemetry
+    from core.tracing import interceptors
+
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=converter,
+        runtime=runtime,
+        # tracing on: the client's spans, and the worker's (a Worker takes them from its client)
+        interceptors=interceptors(settings),
     )
 
 

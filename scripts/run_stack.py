@@ -114,6 +114,9 @@ class StackConfig:
     api_port: int = 8000
     smtp_port: int = 8025
     data_dir: Path = ROOT / ".data"
+    # the worker's Temporal SDK metrics (Prometheus); 0: not served. Not among ports(): a
+    # worker that finds it taken runs without it (core/temporal.py connect)
+    metrics_port: int = 9464
 
     @property
     def temporal_address(self) -> str:
@@ -148,6 +151,12 @@ def parse_args(argv: list[str] | None = None) -> StackConfig:
         "--smtp-port", type=int, default=int(env.get("PROCFLOW_STACK_SMTP_PORT", 8025))
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env.get("PROCFLOW_STACK_METRICS_PORT", 9464)),
+        help="the worker's Prometheus metrics (0: off)",
+    )
+    parser.add_argument(
         "--data-dir", type=Path, default=Path(env.get("PROCFLOW_STACK_DATA_DIR", ROOT / ".data"))
     )
     args = parser.parse_args(argv)
@@ -158,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> StackConfig:
         api_port=args.api_port,
         smtp_port=args.smtp_port,
         data_dir=args.data_dir.resolve(),
+        metrics_port=args.metrics_port,
     )
 
 
@@ -463,6 +473,9 @@ def child_env(config: StackConfig) -> dict[str, str]:
         PROCFLOW_SMTP_PORT=str(config.smtp_port),
         PROCFLOW_API_HOST=config.host,
         PROCFLOW_API_PORT=str(config.api_port),
+        PROCFLOW_WORKER_METRICS_ADDRESS=(
+            f"{config.host}:{config.metrics_port}" if config.metrics_port else ""
+        ),
     )
     env.setdefault(
         "PROCFLOW_DATABASE_URL", f"sqlite+aiosqlite:///{config.data_dir / 'procflow.db'}"
@@ -761,6 +774,8 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
             if codec
             else ""
         ),
+        f"  metrics      {base}:{config.api_port}/metrics (API)"
+        + (f", {base}:{config.metrics_port}/metrics (worker)" if config.metrics_port else ""),
         f"  mail         {mail_dir}",
         "Ctrl-C stops everything; the data stays in " + str(config.data_dir),
     ):

@@ -33,6 +33,7 @@ ADMITS: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/redoc"): PUBLIC,
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,  # Prometheus: on an internal port (README, Metrics)
     ("POST", "/auth/token"): PUBLIC,
     ("GET", "/auth/me"): ANY,
     ("POST", "/orders"): frozenset({"requester", "sales", "manager"}),
