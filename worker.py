@@ -155,7 +155,7 @@ def build_worker(
 
 
 async def main(settings: Settings) -> None:
-    logs.configure(settings)
+    logs.configure(settings, registry.process_type_of)
     tracing.configure_tracing(settings, "procflow-worker")  # before the client's interceptor
     # the SDK's own metrics (Prometheus) at PROCFLOW_WORKER_METRICS_ADDRESS, when set
     client = await connect(settings, metrics_address=settings.worker_metrics_address)

@@ -39,6 +39,7 @@ from core.db import make_engine, make_session_factory
 from core.metrics import ApiMetrics, RequestMetrics
 from core.settings import Settings, get_settings, import_process_modules
 from core.tracing import configure_tracing
+from workflows import registry
 
 log = logging.getLogger("procflow.api")
 
@@ -97,7 +98,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app; the engine and the Temporal client are made once, in the lifespan."""
     settings = settings or get_settings()
-    logs.configure(settings)
+    logs.configure(settings, registry.process_type_of)
     import_process_modules(settings.process_modules)  # their types registered, before the routes
 
     @asynccontextmanager

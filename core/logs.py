@@ -23,7 +23,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -93,20 +93,16 @@ def set_user(username: str) -> None:
         context.user = username
 
 
+# how a workflow type maps to its process type: given by whoever knows the processes (the worker
+# and the API pass workflows.registry.process_type_of to `configure`; core imports none of ours)
+_process_type_of: Callable[[str], str | None] | None = None
+
+
 def process_type_of(workflow_type: str | None) -> str | None:
-    """The process type that runs as this workflow type (a registered coded type or a
-    blueprint), when the workflows registry is loaded in this process."""
-    registry = sys.modules.get("workflows.registry")
-    if registry is None or not workflow_type:
+    """The process type that runs as this workflow type, when `configure` was told how."""
+    if _process_type_of is None or not workflow_type:
         return None
-    for ptype in registry.PROCESS_TYPES.values():
-        name = ptype.workflow_name
-        if name is None:
-            definition = getattr(ptype.workflow, "__temporal_workflow_definition", None)
-            name = getattr(definition, "name", None) or ptype.workflow.__name__
-        if name == workflow_type:
-            return ptype.name
-    return None
+    return _process_type_of(workflow_type)
 
 
 def context_of(record: logging.LogRecord) -> dict[str, Any]:
@@ -207,9 +203,15 @@ def formatter(log_format: str) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
-def configure(settings: LogSettings) -> logging.Handler:
+def configure(
+    settings: LogSettings, process_type_of: Callable[[str], str | None] | None = None
+) -> logging.Handler:
     """Install procflow's handler on the root logger (replacing one installed before: calling
-    it again changes the format and level, never adds a second handler); the handler."""
+    it again changes the format and level, never adds a second handler); the handler.
+    `process_type_of` names the process type of a workflow type on workflow lines."""
+    global _process_type_of
+    if process_type_of is not None:
+        _process_type_of = process_type_of
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)

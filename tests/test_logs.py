@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
     from tests.api.conftest import Api, _running, order_body
     from tests.support import seed_database
     from tests.workflows.conftest import start_time_skipping
+    from workflows import registry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,6 +148,8 @@ async def step_activity(n: int) -> int:
 
 
 async def test_an_activity_line_carries_the_workflow_and_activity(lines: Lines):
+    logs.configure(Settings(log_format="json"), registry.process_type_of)  # as the worker does
+    logging.getLogger().setLevel(logging.DEBUG)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(
         env.info,
@@ -187,7 +190,7 @@ class StepsWorkflow:
 async def test_workflow_lines_carry_the_ids_and_are_not_written_again_on_replay(
     lines: Lines, restore_logging: None
 ):
-    logs.configure(Settings(log_format="json"))  # the worker's setup: no info on the message
+    logs.configure(Settings(log_format="json"), registry.process_type_of)  # as the worker does
     logging.getLogger().setLevel(logging.DEBUG)
     env = await start_time_skipping()
     try:

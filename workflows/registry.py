@@ -163,6 +163,18 @@ def workflows() -> list[type]:
     return list(dict.fromkeys([*coded, BlueprintWorkflow]))
 
 
+def process_type_of(workflow_type: str) -> str | None:
+    """The registered process type that runs as this workflow type (for log lines)."""
+    for ptype in PROCESS_TYPES.values():
+        name = ptype.workflow_name
+        if name is None:
+            definition = getattr(ptype.workflow, "__temporal_workflow_definition", None)
+            name = getattr(definition, "name", None) or ptype.workflow.__name__
+        if name == workflow_type:
+            return ptype.name
+    return None
+
+
 def with_policy() -> list[ProcessType]:
     """The registered types that have a policy document (policy endpoints, seeds)."""
     return [t for t in PROCESS_TYPES.values() if t.policy_model is not None]
