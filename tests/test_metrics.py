@@ -256,9 +256,10 @@ def _target(env: WorkflowEnvironment) -> str:
     return env.client.service_client.config.target_host
 
 
-async def test_the_worker_serves_the_sdk_metrics(dev_env: WorkflowEnvironment):
+async def worker_scrape(env: WorkflowEnvironment) -> tuple[str, str]:
+    """The SDK metrics of a worker that ran one workflow with an activity, and its task queue."""
     address = f"127.0.0.1:{free_port()}"
-    sdk = await connect(Settings(temporal_address=_target(dev_env)), metrics_address=address)
+    sdk = await connect(Settings(temporal_address=_target(env)), metrics_address=address)
     queue = f"metrics-{uuid.uuid4()}"
     async with Worker(
         sdk, task_queue=queue, workflows=[MetricsProbeWorkflow], activities=[metrics_echo]
@@ -270,7 +271,12 @@ async def test_the_worker_serves_the_sdk_metrics(dev_env: WorkflowEnvironment):
         async with httpx.AsyncClient() as http:
             r = await http.get(f"http://{address}/metrics")
     assert r.status_code == 200, r.text
-    families, samples = parse(r.text)
+    return r.text, queue
+
+
+async def test_the_worker_serves_the_sdk_metrics(dev_env: WorkflowEnvironment):
+    text, queue = await worker_scrape(dev_env)
+    families, samples = parse(text)
     # workflow task and activity latencies, schedule-to-start, sticky cache, slots
     for name in (
         "temporal_workflow_task_execution_latency",

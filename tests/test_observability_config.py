@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,8 @@ import httpx
 import pytest
 import yaml
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from core.settings import Settings
-from core.temporal import connect
 
 # the fixtures of the API tests: the app with the real worker, a seeded database
 from tests.api.conftest import (  # noqa: F401 - fixtures
@@ -36,13 +33,10 @@ from tests.api.conftest import (  # noqa: F401 - fixtures
     temporal_env,
     worker,
 )
-from tests.support import free_port
 from tests.test_metrics import (
-    MetricsProbeWorkflow,
-    _target,
     _wait_for_stage,
-    metrics_echo,
     parse,
+    worker_scrape,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,24 +271,6 @@ def queryable(text: str) -> dict[str, set[str]]:
     return names
 
 
-async def worker_scrape(env: WorkflowEnvironment) -> str:
-    """The SDK metrics of a worker that ran a workflow with an activity."""
-    address = f"127.0.0.1:{free_port()}"
-    sdk = await connect(Settings(temporal_address=_target(env)), metrics_address=address)
-    queue = f"dashboard-{uuid.uuid4()}"
-    async with Worker(
-        sdk, task_queue=queue, workflows=[MetricsProbeWorkflow], activities=[metrics_echo]
-    ):
-        result = await sdk.execute_workflow(
-            MetricsProbeWorkflow.run, "ping", id=f"dashboard-{uuid.uuid4()}", task_queue=queue
-        )
-        assert result == "ping"
-        async with httpx.AsyncClient() as http:
-            r = await http.get(f"http://{address}/metrics")
-    assert r.status_code == 200, r.text
-    return r.text
-
-
 async def api_scrape(api: Api) -> str:
     """GET /metrics after an order run to its end and one waiting for its approval."""
     done, waiting = order_body(600_000), order_body(1_200_000)
@@ -319,7 +295,7 @@ async def test_every_metric_a_panel_queries_is_in_a_scrape(
     live_api: Api, dev_env: WorkflowEnvironment
 ) -> None:
     api = queryable(await api_scrape(live_api))
-    workers = queryable(await worker_scrape(dev_env))
+    workers = queryable((await worker_scrape(dev_env))[0])
     assert api.keys().isdisjoint(workers), "the API and the workers export different series"
     assert not {n for n in api if n.startswith("temporal_")}
     assert not {n for n in workers if n.startswith("procflow_")}
