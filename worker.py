@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from types import TracebackType
 
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Worker
@@ -29,6 +29,7 @@ from activities.records import RecordActivities
 from activities.warehouse import WarehouseActivities
 from core import logs, tracing
 from core.db import make_engine, make_session_factory
+from core.health import HealthServer, database_ok, temporal_answers
 from core.settings import Settings, get_settings, import_process_modules
 from core.temporal import connect
 from workflows import registry
@@ -75,6 +76,14 @@ class ProcflowWorker:
         self.dispatcher.start()
         self.reconciler.start()
         return self
+
+    def live(self) -> dict[str, bool]:
+        """Which of its parts run (the worker's /healthz)."""
+        return {
+            "worker": self.worker.is_running,
+            "mail_dispatcher": self.dispatcher.alive,
+            "reconciler": self.reconciler.alive,
+        }
 
     async def __aexit__(
         self,
@@ -154,6 +163,21 @@ def build_worker(
     return ProcflowWorker(worker, dispatcher, reconciler)
 
 
+def health_server(
+    worker: ProcflowWorker, client: Client, engine: AsyncEngine, address: str, timeout_s: float
+) -> HealthServer:
+    """The worker's GET /healthz (its parts run) and GET /readyz (and Temporal answers and the
+    database takes a write) on `address`."""
+
+    async def ready() -> dict[str, bool]:
+        parts = worker.live()
+        parts["temporal"] = await temporal_answers(client, timeout_s)
+        parts["database"] = await database_ok(engine, timeout_s)
+        return parts
+
+    return HealthServer(address, worker.live, ready)
+
+
 async def main(settings: Settings) -> None:
     logs.configure(settings, registry.process_type_of)
     tracing.configure_tracing(settings, "procflow-worker")  # before the client's interceptor
@@ -200,8 +224,22 @@ async def main(settings: Settings) -> None:
         "worker polling task queue %s on %s", settings.task_queue, settings.temporal_address
     )
     async with worker:
-        await stop.wait()
-        logging.info("worker shutting down: finishing running activities")
+        health = None
+        if settings.worker_health_address:
+            health = health_server(
+                worker,
+                client,
+                engine,
+                settings.worker_health_address,
+                settings.temporal_rpc_timeout_s,
+            )
+            await health.start()
+        try:
+            await stop.wait()
+            logging.info("worker shutting down: finishing running activities")
+        finally:
+            if health is not None:
+                await health.stop()
     await engine.dispose()
 
 

@@ -27,6 +27,11 @@ class BackgroundLoop:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def alive(self) -> bool:
+        """Started and its task has not ended (a loop that died of an error is not alive)."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         if self._task is None:
             self._stopping.clear()

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         "(Prometheus, GET /metrics); empty: not served",
     )
 
+    worker_health_address: str = Field(
+        "127.0.0.1:9465",
+        description="host:port where the worker answers GET /healthz (the Temporal worker, "
+        "the mail dispatcher and the reconciler run) and GET /readyz (and Temporal answers "
+        "and the database takes a write); 503 naming the part that is not; empty: not served",
+    )
+
     # Traces (issue 14): OpenTelemetry, one decision one trace (core/tracing.py)
     tracing_enabled: bool = Field(
         False,

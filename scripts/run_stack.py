@@ -117,6 +117,9 @@ class StackConfig:
     # the worker's Temporal SDK metrics (Prometheus); 0: not served. Not among ports(): a
     # worker that finds it taken runs without it (core/temporal.py connect)
     metrics_port: int = 9464
+    # the worker's GET /healthz and /readyz; 0: not served. Not among ports() either: a worker
+    # that finds it taken runs without it (core/health.py), and the stack waits for it no more
+    worker_health_port: int = 9465
 
     @property
     def temporal_address(self) -> str:
@@ -157,6 +160,12 @@ def parse_args(argv: list[str] | None = None) -> StackConfig:
         help="the worker's Prometheus metrics (0: off)",
     )
     parser.add_argument(
+        "--worker-health-port",
+        type=int,
+        default=int(env.get("PROCFLOW_STACK_WORKER_HEALTH_PORT", 9465)),
+        help="the worker's /healthz and /readyz (0: off)",
+    )
+    parser.add_argument(
         "--data-dir", type=Path, default=Path(env.get("PROCFLOW_STACK_DATA_DIR", ROOT / ".data"))
     )
     args = parser.parse_args(argv)
@@ -168,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> StackConfig:
         smtp_port=args.smtp_port,
         data_dir=args.data_dir.resolve(),
         metrics_port=args.metrics_port,
+        worker_health_port=args.worker_health_port,
     )
 
 
@@ -476,6 +486,9 @@ def child_env(config: StackConfig) -> dict[str, str]:
         PROCFLOW_WORKER_METRICS_ADDRESS=(
             f"{config.host}:{config.metrics_port}" if config.metrics_port else ""
         ),
+        PROCFLOW_WORKER_HEALTH_ADDRESS=(
+            f"{config.host}:{config.worker_health_port}" if config.worker_health_port else ""
+        ),
     )
     env.setdefault(
         "PROCFLOW_DATABASE_URL", f"sqlite+aiosqlite:///{config.data_dir / 'procflow.db'}"
@@ -737,7 +750,15 @@ def start_temporal(
 
 
 def api_healthy(config: StackConfig) -> bool:
-    url = f"http://{config.host}:{config.api_port}/healthz"
+    return answers_200(f"http://{config.host}:{config.api_port}/healthz")
+
+
+def worker_ready(config: StackConfig) -> bool:
+    """The worker polls, its loops run, Temporal answers it and the database takes a write."""
+    return answers_200(f"http://{config.host}:{config.worker_health_port}/readyz")
+
+
+def answers_200(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -764,6 +785,8 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
     api_args.append("--no-proxy-headers")
     stack.start("api", python_module("uvicorn", "api.app:create_app", *api_args))
     wait_until(stack, "API", lambda: api_healthy(config), API_READY_TIMEOUT_S)
+    if config.worker_health_port:
+        wait_until(stack, "worker", lambda: worker_ready(config), API_READY_TIMEOUT_S)
     base = f"http://{config.host}"
     for line in (
         "procflow is up:",
@@ -776,6 +799,12 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
         ),
         f"  metrics      {base}:{config.api_port}/metrics (API)"
         + (f", {base}:{config.metrics_port}/metrics (worker)" if config.metrics_port else ""),
+        f"  health       {base}:{config.api_port}/readyz (API)"
+        + (
+            f", {base}:{config.worker_health_port}/readyz (worker)"
+            if config.worker_health_port
+            else ""
+        ),
         f"  mail         {mail_dir}",
         "Ctrl-C stops everything; the data stays in " + str(config.data_dir),
     ):

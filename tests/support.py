@@ -237,6 +237,8 @@ def free_config(data_dir: Path) -> StackConfig:
         ui_port=free_port(),
         api_port=free_port(),
         smtp_port=free_port(),
+        metrics_port=free_port(),
+        worker_health_port=free_port(),
         data_dir=data_dir,
     )
 

@@ -105,6 +105,13 @@ def test_children_point_at_this_stack(tmp_path: Path, monkeypatch: pytest.Monkey
     assert settings.smtp_port == config.smtp_port
     assert settings.api_port == config.api_port
     assert settings.database_url == f"sqlite+aiosqlite:///{tmp_path / 'procflow.db'}"
+    assert settings.worker_health_address == f"127.0.0.1:{config.worker_health_port}"
+
+
+def test_make_run_serves_the_worker_health_on_9465_unless_told_otherwise(tmp_path: Path) -> None:
+    assert run_stack.parse_args(["--data-dir", str(tmp_path)]).worker_health_port == 9465
+    off = run_stack.parse_args(["--worker-health-port", "0", "--data-dir", str(tmp_path)])
+    assert run_stack.child_env(off)["PROCFLOW_WORKER_HEALTH_ADDRESS"] == ""
 
 
 def test_an_explicit_database_url_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

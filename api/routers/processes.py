@@ -56,7 +56,6 @@ from api.errors import (
     param_error,
     responses,
 )
-from api.routers.health import database_takes_write
 from api.schemas import (
     CancelBody,
     EventReceipt,
@@ -66,6 +65,7 @@ from api.schemas import (
     ProcessPage,
     QueryText,
 )
+from core.health import database_takes_write
 from core.settings import Settings
 from core.temporal import CUSTOMER_ID, PENDING_ROLES, PROCESS_TYPE, REQUESTER, STAGE
 from workflows import registry

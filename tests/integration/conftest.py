@@ -15,6 +15,7 @@ import pytest_asyncio
 
 from core.db import make_engine, make_session_factory
 from scripts.seed import seed
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +39,11 @@ class WorkerProcess:
         self.env = env
         self.log = log
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def health_url(self) -> str:
+        """Where its GET /healthz and /readyz answer (PROCFLOW_WORKER_HEALTH_ADDRESS)."""
+        return f"http://{self.env['PROCFLOW_WORKER_HEALTH_ADDRESS']}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -75,6 +81,9 @@ def worker_process(dev_env, database, mail_sink, tmp_path):
             "PROCFLOW_SMTP_PORT": str(mail_sink.port),
             # a mail the killed worker had claimed goes out after this lease, not a minute later
             "PROCFLOW_MAIL_LEASE_S": "3",
+            # ports of its own: several workers run at once (pytest-xdist, make run)
+            "PROCFLOW_WORKER_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
+            "PROCFLOW_WORKER_METRICS_ADDRESS": "",
         }
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")
