@@ -1,7 +1,8 @@
 """Payment activities and the embedded sandbox payment provider.
 
 The sandbox keeps its charges in the payments_ledger table; the unique idempotency key makes a
-retried charge return the first charge instead of charging twice.
+retried charge return the first charge instead of charging twice. The activities record each
+charge or refund a provider declines in payment_declines (once per key), never in the ledger.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Protocol
@@ -28,7 +30,7 @@ from activities.models import (
     PaymentResult,
     RefundRequest,
 )
-from core.db import LedgerEntry
+from core.db import DECLINE_REASON_LENGTH, LedgerEntry, Money, PaymentDecline, to_minor_units
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,76 @@ async def _insert_once(
             raise
         return existing, True
     return entry, False
+
+
+# a run of 12 or more digits, spaces or dashes between them allowed: a card number, perhaps
+_LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){11,}")
+
+
+def decline_reason(err: BaseException) -> str:
+    """The provider's message as stored with a decline: on one line, digit runs as long as a
+    card number masked, cut to DECLINE_REASON_LENGTH."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = _LONG_DIGITS.sub("[masked]", text)
+    if len(text) > DECLINE_REASON_LENGTH:
+        text = text[: DECLINE_REASON_LENGTH - 3] + "..."
+    return text
+
+
+async def _decline_row(sessions: async_sessionmaker, key: str) -> PaymentDecline | None:
+    async with sessions() as session:
+        return (
+            await session.execute(
+                select(PaymentDecline).where(PaymentDecline.idempotency_key == key)
+            )
+        ).scalar_one_or_none()
+
+
+async def record_decline(
+    sessions: async_sessionmaker,
+    *,
+    key: str,
+    order_no: str,
+    kind: str,
+    amount: Decimal,
+    currency: str,
+    err: PaymentDeclinedError,
+) -> bool:
+    """Store the decline of the charge or refund `key` once: True if this call stored it,
+    False if a row for the key was there (an activity run again after a crash keeps the
+    first). A database error propagates (the activity is retried; the provider is idempotent
+    by key). An amount the ledger's Money type cannot hold exactly is not stored (logged):
+    it must not turn the decline into another error."""
+    try:
+        to_minor_units(amount, Money.scale, Money.precision)
+    except ValueError:
+        activity.logger.warning(
+            "%s %s declined, not recorded: its amount cannot be stored exactly",
+            kind,
+            key,
+        )
+        return False
+    if await _decline_row(sessions, key) is not None:
+        activity.logger.info("%s %s: its decline is recorded already", kind, key)
+        return False
+    row = PaymentDecline(
+        idempotency_key=key,
+        workflow_id=_workflow_id(),
+        order_no=order_no,
+        kind=kind,
+        amount=amount,
+        currency=currency,
+        reason=decline_reason(err),
+    )
+    try:
+        async with sessions.begin() as session:
+            session.add(row)
+    except IntegrityError:
+        if await _decline_row(sessions, key) is None:
+            raise  # not the key: a real constraint failure
+        activity.logger.info("%s %s: its decline is recorded already", kind, key)
+        return False
+    return True
 
 
 class SandboxPaymentProvider:
@@ -234,6 +306,20 @@ class PaymentActivities:
         self._provider = provider
         self._sessions = session_factory
 
+    async def _record_decline(
+        self, kind: str, request: PaymentRequest | RefundRequest, err: PaymentDeclinedError
+    ) -> None:
+        """Store the decline (once per key) before the activity raises PaymentDeclined."""
+        await record_decline(
+            self._sessions,
+            key=request.idempotency_key,
+            order_no=request.order_no,
+            kind=kind,
+            amount=request.amount,
+            currency=request.currency,
+            err=err,
+        )
+
     @activity.defn(name="capture_payment")
     async def capture_payment(self, request: PaymentRequest) -> PaymentResult:
         """Charge the customer once per idempotency key."""
@@ -248,7 +334,10 @@ class PaymentActivities:
                 workflow_id=_workflow_id(),
             )
         except PaymentDeclinedError as err:
-            activity.logger.info("charge %s declined: %s", request.idempotency_key, err)
+            activity.logger.info(
+                "charge %s declined: %s", request.idempotency_key, decline_reason(err)
+            )
+            await self._record_decline("charge", request, err)
             raise _declined(err) from err
         except ProviderUnavailableError as err:
             activity.logger.warning("charge %s: provider unavailable", request.idempotency_key)
@@ -275,7 +364,10 @@ class PaymentActivities:
                 workflow_id=_workflow_id(),
             )
         except PaymentDeclinedError as err:
-            activity.logger.info("refund %s refused: %s", request.idempotency_key, err)
+            activity.logger.info(
+                "refund %s refused: %s", request.idempotency_key, decline_reason(err)
+            )
+            await self._record_decline("refund", request, err)
             raise _declined(err) from err
         except ProviderUnavailableError as err:
             activity.logger.warning("refund %s: provider unavailable", request.idempotency_key)

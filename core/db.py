@@ -405,6 +405,30 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
 
 
+# the longest provider message kept with a decline (payment_declines.reason)
+DECLINE_REASON_LENGTH = 200
+
+
+class PaymentDecline(Base):
+    """A charge or refund the provider declined, once per idempotency key (the first decline
+    is kept). Never a row of payments_ledger: the sandbox reads a ledger key as "charged", so a
+    retried declined charge would then succeed."""
+
+    __tablename__ = "payment_declines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # the key of the charge or refund that was declined
+    idempotency_key: Mapped[str] = mapped_column(String(300), unique=True)
+    # the instance that asked (null: outside an activity)
+    workflow_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    order_no: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # charge | refund
+    amount: Mapped[Decimal] = mapped_column(Money)
+    currency: Mapped[str] = mapped_column(String(3))
+    # the provider's message, cut to DECLINE_REASON_LENGTH, long digit runs masked
+    reason: Mapped[str] = mapped_column(String(DECLINE_REASON_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=utcnow)
+
+
 class OutboxMessage(Base):
     __tablename__ = "notification_outbox"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -5,7 +5,8 @@ Each app has its own registry (`ApiMetrics`), so that several apps in one proces
 count apart. The business series are gauges of the read model's current state, by process
 type: instances by status (all of them: the instances started), instances ended by status and
 end stage, open tasks per candidate role, overdue tasks, SLA events by kind, the payments
-ledger by kind, status and currency (counts and amounts), the mail outbox by status. A scrape
+ledger by kind, status and currency (counts and amounts; declined charges and refunds, from
+payment_declines, as status "declined"), the mail outbox by status. A scrape
 bounds its queries (settings.metrics_scrape_timeout_s); past it, or on a database error, the
 business series are left out of that scrape and procflow_business_scrape_errors_total goes up.
 
@@ -32,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.db import (
     LedgerEntry,
     OutboxMessage,
+    PaymentDecline,
     ProcessInstance,
     SlaEvent,
     TaskCandidate,
@@ -42,7 +44,8 @@ log = logging.getLogger("procflow.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNMATCHED = "unmatched"  # the route label of a request no route matched (a 404)
-UNKNOWN_TYPE = "unknown"  # the process type of a ledger row with no known instance
+UNKNOWN_TYPE = "unknown"  # the process type of a ledger row or decline with no known instance
+DECLINED = "declined"  # the status label of the declined charges and refunds
 # latency buckets in seconds: decisions wait for the workflow (update_wait_s, up to 30 s)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -167,10 +170,26 @@ def _gauge(
     return family
 
 
-def _amount(value: object) -> float:
+def _decimal(value: object) -> Decimal:
     if value is None:
-        return 0.0
-    return float(value if isinstance(value, Decimal) else Decimal(str(value)))
+        return Decimal(0)
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def _payment_rows(
+    ledger: Iterable[tuple], declines: Iterable[tuple]
+) -> list[tuple[tuple[str, str, str, str], tuple[int, float]]]:
+    """(process type, kind, status, currency) -> (count, amount) of the ledger's groups and
+    the declines' (status `declined`), sorted; a label set in both (no ledger status is
+    `declined`) is added up, never exported twice."""
+    merged: dict[tuple[str, str, str, str], tuple[int, Decimal]] = {}
+    rows = [(t, k, s, c, n, a) for t, k, s, c, n, a in ledger]
+    rows += [(t, k, DECLINED, c, n, a) for t, k, c, n, a in declines]
+    for process_type, kind, status, currency, count, amount in rows:
+        labels = (str(process_type), str(kind), str(status), str(currency))
+        seen_count, seen_amount = merged.get(labels, (0, Decimal(0)))
+        merged[labels] = (seen_count + int(count), seen_amount + _decimal(amount))
+    return [(labels, (count, float(amount))) for labels, (count, amount) in sorted(merged.items())]
 
 
 async def business_families(session: AsyncSession, now: datetime) -> list[Metric]:
@@ -214,7 +233,7 @@ async def business_families(session: AsyncSession, now: datetime) -> list[Metric
         )
     ).all()
     ledger_type = func.coalesce(pi.process_type, UNKNOWN_TYPE)
-    payments = (
+    ledger = (
         await session.execute(
             select(
                 ledger_type,
@@ -228,6 +247,20 @@ async def business_families(session: AsyncSession, now: datetime) -> list[Metric
             .group_by(ledger_type, LedgerEntry.kind, LedgerEntry.status, LedgerEntry.currency)
         )
     ).all()
+    declines = (
+        await session.execute(
+            select(
+                ledger_type,
+                PaymentDecline.kind,
+                PaymentDecline.currency,
+                func.count(),
+                func.sum(PaymentDecline.amount),
+            )
+            .outerjoin(pi, pi.workflow_id == PaymentDecline.workflow_id)
+            .group_by(ledger_type, PaymentDecline.kind, PaymentDecline.currency)
+        )
+    ).all()
+    payments = _payment_rows(ledger, declines)
     outbox = (
         await session.execute(
             select(OutboxMessage.status, func.count()).group_by(OutboxMessage.status)
@@ -275,17 +308,18 @@ async def business_families(session: AsyncSession, now: datetime) -> list[Metric
         ),
         _gauge(
             "procflow_payments",
-            "payments ledger entries (charge, refund, incoming) by process type, kind, status "
-            "and currency",
+            "payments ledger entries (charge, refund, incoming) and declined charges and refunds "
+            "(status declined), by process type, kind, status and currency",
             payment_labels,
-            [row[:5] for row in payments],
+            [(*labels, count) for labels, (count, _) in payments],
         ),
         _gauge(
             "procflow_payments_amount",
-            "sum of the payments ledger entries' amounts, by process type, kind, status and "
-            "currency (in the currency's units)",
+            "sum of the amounts of the payments ledger entries and of the declined charges and "
+            "refunds (status declined), by process type, kind, status and currency (in the "
+            "currency's units)",
             payment_labels,
-            [(*row[:4], _amount(row[5])) for row in payments],
+            [(*labels, amount) for labels, (_, amount) in payments],
         ),
         _gauge(
             "procflow_outbox_messages",

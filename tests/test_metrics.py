@@ -18,22 +18,25 @@ from decimal import Decimal
 
 import httpx
 import pytest
+import pytest_asyncio
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio import activity, workflow
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from api.app import create_app
-from core.db import LedgerEntry, OutboxMessage
+from core.db import LedgerEntry, OutboxMessage, PaymentDecline
 from core.settings import Settings
 from core.temporal import connect
 
 # the fixtures of the API tests: the app, the real worker on a fresh task queue, a seeded db
 from tests.api.conftest import (  # noqa: F401 - fixtures
     Api,
+    _running,
     api,
     app,
     client,
@@ -184,6 +187,78 @@ async def test_request_and_business_series_after_driving_orders(
     got = series(samples, "procflow_outbox_messages")
     assert sum(got.values()) == sum(outbox.values()) > 0
     assert {dict(k)["status"] for k in got} <= {"pending", "sending", "sent", "failed"}
+    assert samples[("procflow_business_scrape_errors_total", L())] == 0
+
+
+@pytest_asyncio.fixture
+async def declining_api(
+    app: FastAPI,
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    sessions: async_sessionmaker,
+    mail_sink,
+) -> AsyncIterator[Api]:
+    """live_api, with the sandbox declining the charges of the customers in
+    settings.sandbox_decline_customers, as worker.py builds it."""
+    from activities.mail import SmtpSender
+    from activities.payments import SandboxPaymentProvider
+    from worker import build_worker
+
+    w = build_worker(
+        client,
+        task_queue=task_queue,
+        session_factory=sessions,
+        sender=SmtpSender(mail_sink.host, mail_sink.port, 10, "procflow@localhost"),
+        provider=SandboxPaymentProvider(
+            sessions, decline_customers=set(settings.sandbox_decline_customers)
+        ),
+    )
+    async with w:
+        async for a in _running(app):
+            yield a
+
+
+async def test_declined_charges_are_in_the_payment_series(
+    declining_api: Api, settings: Settings, sessions: async_sessionmaker
+):
+    """A charge the provider declines (the order is cancelled) counts under
+    status="declined" beside the ledger's captured charge, by process type and currency."""
+    api = declining_api
+    decliner = settings.sandbox_decline_customers[0]
+    declined = order_body(1_000)
+    declined["customer"] = {**declined["customer"], "id": decliner}
+    captured = order_body(2_000)  # below every approval tier: charged at once
+    for body in (declined, captured):
+        r = await api.post("/orders", "alice", json=body)
+        assert r.status_code == 201, r.text
+    final = await _wait_for_stage(api, declined["order_no"], "cancelled")
+    assert final["stage"] == "cancelled", final
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the other order's capture
+        async with sessions() as session:
+            charges = (await session.scalars(select(LedgerEntry.order_no))).all()
+        if charges:
+            break
+        await asyncio.sleep(0.3)
+    assert charges == [captured["order_no"]]
+    async with sessions() as session:
+        decline = (await session.scalars(select(PaymentDecline))).one()
+    assert (decline.order_no, decline.kind) == (declined["order_no"], "charge")
+    assert decline.workflow_id == f"sales_order-{declined['order_no']}"
+
+    families, samples = await scrape(api.http)
+
+    sales = dict(process_type="sales_order", kind="charge", currency="EUR")
+    assert series(samples, "procflow_payments") == {
+        L(**sales, status="declined"): 1,
+        L(**sales, status="captured"): 1,
+    }
+    assert series(samples, "procflow_payments_amount") == {
+        L(**sales, status="declined"): 1_000.0,
+        L(**sales, status="captured"): 2_000.0,
+    }
+    assert "declined" in families["procflow_payments"].documentation
     assert samples[("procflow_business_scrape_errors_total", L())] == 0
 
 
