@@ -44,6 +44,7 @@ from activities.call_models import (
 from activities.models import Notification
 from activities.notifications import outbox_rows, resolve_recipients
 from activities.records import insert_or_ignore
+from core import tracecontext
 from core.db import AuditEntry, OutboxMessage, utcnow
 
 # error types (non-retryable): the call's parameters do not fit; a customer mail without address
@@ -263,7 +264,7 @@ class BlueprintCallActivities:
         )
         async with self._sessions.begin() as session:
             recipients = (await resolve_recipients(session, [note]))[0]
-            [row] = outbox_rows([note], [recipients])
+            [row] = outbox_rows([note], [recipients], tracecontext.carrier())
             inserted = await session.scalar(
                 insert_or_ignore(session, OutboxMessage).values(**row).returning(OutboxMessage.id)
             )

@@ -37,6 +37,7 @@ from temporalio import activity
 from activities.background import BackgroundLoop
 from activities.mail import MailRefused, SessionClosed, SmtpSender
 from activities.models import Notification, NotificationResult
+from core import tracecontext
 from core.db import AuditEntry, OutboxMessage, User, utcnow
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,14 @@ async def resolve_recipients(session: AsyncSession, notes: list[Notification]) -
     return result
 
 
-def outbox_rows(notes: list[Notification], recipients: list[list[str]]) -> list[dict]:
-    """Rows for `queue_mails`' INSERT ... ON CONFLICT DO NOTHING (the key decides)."""
+def outbox_rows(
+    notes: list[Notification],
+    recipients: list[list[str]],
+    trace_context: dict[str, str] | None,
+) -> list[dict]:
+    """Rows for `queue_mails`' INSERT ... ON CONFLICT DO NOTHING (the key decides), carrying
+    `trace_context`, the trace-context headers of the span that queued them
+    (`core.tracecontext.carrier()` in the activity): the dispatcher's SendMail continues it."""
     now = utcnow()
     return [
         {
@@ -141,6 +148,7 @@ def outbox_rows(notes: list[Notification], recipients: list[list[str]]) -> list[
             "status": PENDING,
             "created_at": now,
             "attempts": 0,
+            "trace_context": trace_context,
         }
         for n, to in zip(notes, recipients, strict=True)
     ]
@@ -155,6 +163,22 @@ class _Claimed:
     subject: str
     body: str
     attempts: int
+    trace_context: dict[str, str] | None = None
+
+
+def _send_span(row: _Claimed) -> contextlib.AbstractContextManager:
+    """SendMail, in the trace of the step that queued the mail (a new trace without one)."""
+    return tracecontext.continued(
+        "SendMail",
+        row.trace_context,
+        {
+            "procflow.outbox_id": row.id,
+            "procflow.mail_key": row.key,
+            "procflow.workflow_id": row.workflow_id,
+            "procflow.recipients": len(row.recipients),
+            "procflow.attempt": row.attempts + 1,
+        },
+    )
 
 
 class MailDispatcher(BackgroundLoop):
@@ -278,7 +302,8 @@ class MailDispatcher(BackgroundLoop):
                 while pending:
                     row = pending[0]
                     try:
-                        refused = await send(row.recipients, row.subject, row.body)
+                        with _send_span(row):
+                            refused = await send(row.recipients, row.subject, row.body)
                     except MailRefused as err:  # this mail's failure; the session goes on
                         pending.pop(0)
                         carried = True
@@ -326,6 +351,7 @@ class MailDispatcher(BackgroundLoop):
                 OutboxMessage.subject,
                 OutboxMessage.body,
                 OutboxMessage.attempts,
+                OutboxMessage.trace_context,
             )
             .execution_options(synchronize_session=False)
         )

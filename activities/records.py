@@ -27,6 +27,7 @@ from activities.models import (
     TaskSnapshot,
 )
 from activities.notifications import outbox_rows, resolve_recipients
+from core import tracecontext
 from core.db import (
     AuditEntry,
     Base,
@@ -113,16 +114,20 @@ class RecordActivities:
         and time out; one failing batch is then written alone and fails alone."""
         if self._grouped is None:
             self._grouped = self._sessions.kw["bind"].dialect.name == "sqlite"
+        # the projection's span: its mails' SendMail continues the trace (core/tracecontext.py)
+        trace = tracecontext.carrier() if batch.mails else None
         if self._grouped:
-            await self.writer.write(batch)
+            await self.writer.write(batch, trace)
         else:
             async with self._sessions.begin() as session:
-                await _apply_batch(session, batch)
+                await _apply_batch(session, batch, trace)
         if batch.mails and self._mail_queued is not None:
             self._mail_queued()
 
 
-async def _apply_batch(session: AsyncSession, batch: ProjectionBatch) -> None:
+async def _apply_batch(
+    session: AsyncSession, batch: ProjectionBatch, trace: dict[str, str] | None = None
+) -> None:
     # locks in one order everywhere (here and in activities/reconcile.py): the instance, its
     # order, its visits, its tasks
     applied = False
@@ -145,9 +150,12 @@ async def _apply_batch(session: AsyncSession, batch: ProjectionBatch) -> None:
     if batch.mails:
         recipients = await resolve_recipients(session, batch.mails)
         await session.execute(
-            insert_or_ignore(session, OutboxMessage), outbox_rows(batch.mails, recipients)
+            insert_or_ignore(session, OutboxMessage), outbox_rows(batch.mails, recipients, trace)
         )
 
+
+# a batch and the trace-context headers of the projection that wrote it
+Queued = tuple[ProjectionBatch, dict[str, str] | None]
 
 # at most this many queued batches in one group transaction (SQLite)
 GROUP_MAX = 100
@@ -162,15 +170,16 @@ class _GroupWriter:
 
     def __init__(self, sessions: async_sessionmaker) -> None:
         self._sessions = sessions
-        self._queue: list[tuple[ProjectionBatch, asyncio.Future[None]]] = []
+        # each batch with the trace context of the projection that wrote it
+        self._queue: list[tuple[Queued, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0  # group transactions committed (for tests and benchmarks)
 
-    async def write(self, batch: ProjectionBatch) -> None:
+    async def write(self, batch: ProjectionBatch, trace: dict[str, str] | None = None) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # a caller that gave up does not see its failure: it is taken here, not logged as lost
         done.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.append((batch, done))
+        self._queue.append(((batch, trace), done))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="projection group writer")
         await asyncio.shield(done)
@@ -195,10 +204,10 @@ class _GroupWriter:
             for _, done in group:
                 _settle(done, None)
 
-    async def _commit(self, batches: list[ProjectionBatch]) -> None:
+    async def _commit(self, batches: list[Queued]) -> None:
         async with self._sessions.begin() as session:
-            for batch in batches:
-                await _apply_batch(session, batch)
+            for batch, trace in batches:
+                await _apply_batch(session, batch, trace)
         self.transactions += 1
 
 

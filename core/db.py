@@ -446,6 +446,8 @@ class OutboxMessage(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the trace-context headers of the span that queued it (core/tracecontext.py; null: none)
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
 
 
 class StockItem(Base):

@@ -72,12 +72,20 @@ def _is_ancestor(ancestor: ReadableSpan, span: ReadableSpan, spans: Sequence[Rea
     return False
 
 
-async def _spans_until(exporter: InMemorySpanExporter, *names: str) -> tuple[ReadableSpan, ...]:
+def _key(span: ReadableSpan) -> str:
+    """A SendMail span's outbox key."""
+    return str((span.attributes or {}).get("procflow.mail_key", ""))
+
+
+async def _spans_until(
+    exporter: InMemorySpanExporter, *names: str, mail_of: str = ""
+) -> tuple[ReadableSpan, ...]:
     """The finished spans once every name is among them (the server span ends as the response
-    has been sent); at most 10 s."""
+    has been sent), and a SendMail whose key holds `mail_of` if given; at most 10 s."""
     for _ in range(100):
         spans = exporter.get_finished_spans()
-        if set(names) <= {s.name for s in spans}:
+        mailed = not mail_of or any(s.name == "SendMail" and mail_of in _key(s) for s in spans)
+        if set(names) <= {s.name for s in spans} and mailed:
             return spans
         await asyncio.sleep(0.1)
     return exporter.get_finished_spans()
@@ -119,13 +127,19 @@ async def test_one_decision_is_one_trace(
             start = await api.post("/orders", "alice", json=body)
             assert start.status_code == 201, start.text
             task_id = start.json()["pending_tasks"][0]["task_id"]
-            started = await _spans_until(exporter, "POST /orders")
+            # a mail too, sent by the dispatcher after the response
+            started = await _spans_until(exporter, "POST /orders", "SendMail")
             exporter.clear()
 
             r = await api.post(f"/tasks/{task_id}/decision", "victor", json={"outcome": "approved"})
             assert r.status_code == 200, r.text
+            # and the sales director's task mail, sent later by the worker's dispatcher
+            t2 = task_id.removesuffix(".t1") + ".t2"
             spans = await _spans_until(
-                exporter, "POST /tasks/{task_id}/decision", "RunActivity:project"
+                exporter,
+                "POST /tasks/{task_id}/decision",
+                "RunActivity:project",
+                mail_of=f":task:{t2}:",
             )
 
     # the order's start: the workflow's spans hang on the request that started it
@@ -133,6 +147,9 @@ async def test_one_decision_is_one_trace(
     run = next(s for s in started if s.name.startswith("RunWorkflow:"))
     assert run.context.trace_id == http_start.context.trace_id
     assert _is_ancestor(http_start, run, started)
+    # its mails (the customer's stage mails) are in the order's trace
+    for mail in (s for s in started if s.name == "SendMail"):
+        assert mail.context.trace_id == http_start.context.trace_id
 
     # the decision: one trace, HTTP -> update -> workflow -> the projection it caused
     http = _one(spans, "POST /tasks/{task_id}/decision")
@@ -158,6 +175,20 @@ async def test_one_decision_is_one_trace(
         assert _parent_id(ran) in starts
         assert ran.attributes is not None
         assert ran.attributes["temporalWorkflowID"] == start.json()["workflow_id"]
+    # the mail the decision queued: sent by the dispatcher, in the decision's trace, the child
+    # of the projection that queued it
+    mails = [s for s in spans if s.name == "SendMail" and f":task:{t2}:" in _key(s)]
+    assert mails, sorted(s.name for s in spans)
+    runs = {s.context.span_id for s in project_runs}
+    for late in (s for s in spans if s.name == "SendMail" and s not in mails):
+        assert late.context.trace_id == http_start.context.trace_id  # the order's, sent late
+    for mail in mails:
+        assert mail.kind == SpanKind.CLIENT
+        assert mail.context.trace_id == http.context.trace_id
+        assert _parent_id(mail) in runs
+        assert mail.attributes is not None
+        assert mail.attributes["procflow.workflow_id"] == start.json()["workflow_id"]
+        assert mail.attributes["procflow.recipients"] >= 1
     # nothing of the decision went to the order's trace
     assert all(s.context.trace_id == http.context.trace_id for s in spans if "decide" in s.name)
 

@@ -85,10 +85,10 @@ async def test_a_failing_batch_fails_alone_and_the_rest_of_its_group_is_written(
 ):
     real = records_module._apply_batch
 
-    async def apply(session, batch: ProjectionBatch) -> None:
+    async def apply(session, batch: ProjectionBatch, trace=None) -> None:
         if batch.tasks[0].workflow_id == "review-R7":
             raise RuntimeError("this batch cannot be written")
-        await real(session, batch)
+        await real(session, batch, trace)
 
     monkeypatch.setattr(records_module, "_apply_batch", apply)
     records = RecordActivities(sessions)

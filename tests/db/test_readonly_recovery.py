@@ -209,7 +209,7 @@ async def test_a_dispatcher_whose_mark_failed_marks_first_and_sends_each_mail_on
     ]
     async with sessions.begin() as session:
         await session.execute(
-            insert(OutboxMessage), outbox_rows(notes, [["buyer@example.com"]] * 3)
+            insert(OutboxMessage), outbox_rows(notes, [["buyer@example.com"]] * 3, None)
         )
     spell = _Spell(db_url)
     # a short lease: were the rows claimable again, this dispatcher would claim them at once
