@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent  # the project root: relative seed
 # bound on publishing the seeds and registering the current blueprints at start-up: past it
 # the API starts without them (the gateway registers current versions before each start)
 SEED_TIMEOUT_S = 60.0
+# paths the tracing instrumentation leaves out (regexes, comma-separated): probes and scrapes
+UNTRACED_URLS = "/healthz$,/readyz$,/metrics$"
 
 DESCRIPTION = """
 Business processes as durable Temporal workflows. Sign in at `POST /auth/token`
@@ -160,5 +162,12 @@ def create_app(
     if provider is not None:  # tracing on: a server span per request, the parent of its calls
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+        # one server span per request (not one per ASGI send and receive as well), and none
+        # for the probes and scrapes that come every few seconds
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=provider,
+            exclude_spans=["receive", "send"],
+            excluded_urls=UNTRACED_URLS,
+        )
     return app

@@ -141,6 +141,17 @@ async def test_one_decision_is_one_trace(
                 "RunActivity:project",
                 mail_of=f":task:{t2}:",
             )
+            exporter.clear()
+            for probe in ("/healthz", "/readyz", "/metrics"):
+                assert (await api.http.get(probe)).status_code == 200, probe
+            assert (await api.get("/orders", "alice")).status_code == 200
+            quiet = [
+                s for s in await _spans_until(exporter, "GET /orders") if "/orders" not in s.name
+            ]
+
+    # a server span per request, not one per ASGI message; the probes and scrapes untraced
+    assert not [s.name for s in spans if s.name.endswith((" http send", " http receive"))]
+    assert not [s.name for s in quiet], [s.name for s in quiet]
 
     # the order's start: the workflow's spans hang on the request that started it
     http_start = _one(started, "POST /orders")
