@@ -14,6 +14,10 @@ bench/README.md.
 measures two trees (e.g. git worktrees of two commits) one after the other in the same run,
 each with a stack of its own; PROCFLOW_BENCH_TREES="before=/tmp/before after=/tmp/after" does
 the same for `make bench`.
+
+Phase 8 (`--phases observe`) starts two more stacks of the last tree, metrics and tracing off
+and on (spans to bench/otlp_sink.py, a subprocess; /metrics scraped), and drives both with the
+order mix in interleaved rounds: the overhead of observability, target < 10 %.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
@@ -50,7 +54,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from bench.baseline import BaselineOrderWorkflow, Batch, Shape, Step, TrivialWorkflow
-from bench.profile import CpuMeter, LoadMeter, Profiler
+from bench.profile import CpuMeter, LoadMeter, Profiler, cpu_s
 from core.db import make_engine
 from scripts.mailsink import MailSink
 from scripts.run_stack import (
@@ -91,14 +95,18 @@ class Sizes:
     complaints: int  # 7. complaints per side (blueprint, coded), in rounds
     complaint_rounds: int  # 7. rounds, each a batch of both sides (alternating which first)
     blueprint_waiting: int  # 7. blueprint complaints waiting on their first task
+    observe_orders: int  # 8. orders per side (metrics and tracing off, on), in rounds
+    observe_rounds: int  # 8. rounds, each a batch of both sides (alternating which first)
 
 
-QUICK = Sizes(30, 30, 200, 5_000, 100, 300, 20, 0, 30, 3, 300)
-FULL = Sizes(150, 100, 1_000, 100_000, 300, 10_000, 60, 200, 200, 5, 2_000)
+QUICK = Sizes(30, 30, 200, 5_000, 100, 300, 20, 0, 30, 3, 300, 40, 2)
+FULL = Sizes(150, 100, 1_000, 100_000, 300, 10_000, 60, 200, 200, 5, 2_000, 400, 4)
 INSERT_CHUNK = 5_000  # phase 3: rows per executemany
 # --phases: 1 e2e, 2 decision, 5 memory, 3 inbox, 4 + 6 (engine: WAL, scale-out; needs e2e),
-# 7 blueprint (the interpreter against the coded complaint, waiting blueprints, publishing)
-PHASES = ("e2e", "decision", "memory", "inbox", "engine", "blueprint")
+# 7 blueprint (the interpreter against the coded complaint, waiting blueprints, publishing),
+# 8 observe (metrics and tracing off against on, two stacks of the last tree side by side)
+PHASES = ("e2e", "decision", "memory", "inbox", "engine", "blueprint", "observe")
+PER_SIDE = frozenset(PHASES) - {"observe"}  # the phases run on each tree's own stack
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -602,10 +610,15 @@ async def _api_ready(http: httpx.AsyncClient, proc: Proc, timeout_s: float = 60)
 
 
 @asynccontextmanager
-async def side_stack(tree: Tree, tmp: Path) -> AsyncIterator[Side]:
+async def side_stack(
+    tree: Tree, tmp: Path, *, label: str | None = None, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[Side]:
     """The stack of one tree: server, records DB (its migrations and seeds), sink, its worker
-    and API (uvicorn), the baseline worker; stopped on the way out."""
-    tmp = tmp / tree.label
+    and API (uvicorn), the baseline worker; stopped on the way out. Its processes' logs go to
+    `tmp/<label>` (default the tree's label); `extra_env` is given to the worker and the API
+    last (phase 8: metrics and tracing off or on)."""
+    label = label or tree.label
+    tmp = tmp / label
     tmp.mkdir()
     procs: list[Proc] = []
     sink: MailSink | None = None
@@ -613,7 +626,7 @@ async def side_stack(tree: Tree, tmp: Path) -> AsyncIterator[Side]:
     try:
         server, address = await start_server("temporal", tmp, tuned=True)
         procs.append(server)
-        say("setup", f"{tree.label}: tuned dev server (WAL pragmas) on {address}, data in {tmp}")
+        say("setup", f"{label}: tuned dev server (WAL pragmas) on {address}, data in {tmp}")
         db_url = f"sqlite+aiosqlite:///{tmp / 'procflow.db'}"
         sink = MailSink(HOST, free_port(), tmp / "mail")
         sink.start()
@@ -633,9 +646,15 @@ async def side_stack(tree: Tree, tmp: Path) -> AsyncIterator[Side]:
             "PROCFLOW_API_AUTH_RATE_LIMIT_PER_MINUTE": "1000000",
             "PROCFLOW_API_AUTH_ACCOUNT_RATE_LIMIT_PER_MINUTE": "1000000",
             # no PROCFLOW_WORKER_MAX_CACHED_WORKFLOWS: the worker keeps the production default
+            # the SDK's metrics on a free port, not the default 9464: another stack on this
+            # machine (phase 8's two, a `make run`, a test) may hold that one
+            "PROCFLOW_WORKER_METRICS_ADDRESS": f"{HOST}:{free_port()}",
+            # and its health endpoint (9465 by default) for the same reason
+            "PROCFLOW_WORKER_HEALTH_ADDRESS": f"{HOST}:{free_port()}",
         }
         if has_coded_complaint(tree):  # phase 7's coded side, registered by worker and API
             env["PROCFLOW_PROCESS_MODULES"] = CODED_COMPLAINT
+        env.update(extra_env or {})
         py = sys.executable
         run_once("migrate", [py, "-m", "scripts.migrate"], tmp, env, tree.root)
         run_once("seed", [py, "-m", "scripts.seed"], tmp, env, tree.root)
@@ -658,7 +677,7 @@ async def side_stack(tree: Tree, tmp: Path) -> AsyncIterator[Side]:
             api = Api(http)
             for user in ("alice", "victor", "diana", "fiona"):
                 await api.headers(user)
-            say("setup", f"{tree.label}: records DB, sink, worker.py, API (uvicorn), baseline up")
+            say("setup", f"{label}: records DB, sink, worker.py, API (uvicorn), baseline up")
             yield Side(
                 tree=tree,
                 tmp=tmp,
@@ -709,17 +728,22 @@ async def bench(
             results["sides"][tree.label] = side_results
             load = LoadMeter()
             load.start()
-            async with side_stack(tree, tmp) as side:
-                prof = profile / tree.label if profile else None
-                await _measure(side_results, sizes, side, prof, load, phases)
-                # the engine-only phases, once, on the last stack (with phase 1's shapes)
-                if i == len(trees) - 1 and "engine" in phases and "e2e" in phases:
-                    shared: dict[str, Any] = {"on_side": tree.label}
-                    shapes = side_results["_shapes"]
-                    await _wal(shared, sizes, side, shapes, load)
-                    if sizes.scale_orders:
-                        await _scale_out(shared, sizes, side, shapes, load)
-                    results["engine_only"] = shared
+            if phases & PER_SIDE:
+                async with side_stack(tree, tmp) as side:
+                    prof = profile / tree.label if profile else None
+                    await _measure(side_results, sizes, side, prof, load, phases)
+                    # the engine-only phases, once, on the last stack (with phase 1's shapes)
+                    if i == len(trees) - 1 and "engine" in phases and "e2e" in phases:
+                        shared: dict[str, Any] = {"on_side": tree.label}
+                        shapes = side_results["_shapes"]
+                        await _wal(shared, sizes, side, shapes, load)
+                        if sizes.scale_orders:
+                            await _scale_out(shared, sizes, side, shapes, load)
+                        results["engine_only"] = shared
+            # 8. metrics and tracing off against on: two more stacks of the last tree, once
+            # the tree's own stack is down (so its idle processes do not share the cores)
+            if i == len(trees) - 1 and "observe" in phases:
+                results["observe"] = await _observe(sizes, tree, tmp, load)
             side_results["load"] = load.stop()
             side_results.pop("_shapes", None)
             say("setup", f"side {tree.label} done; load {side_results['load']}")
@@ -1462,6 +1486,299 @@ async def _publish(results: dict[str, Any], side: Side, tag: str) -> None:
     )
 
 
+# ------------------------------------------------------------------------------ 8. observe
+OBSERVE_TARGET = "< 10 %"  # issue 14: the overhead of metrics and tracing on the order mix
+OBSERVE_TARGET_PCT = 10.0
+OBSERVE_SIDES = ("off", "on")
+OBSERVE_CPU = ("temporal", "worker", "api", "bench_process")  # procflow's side of the CPU
+SCRAPE_S = 5.0  # how often the on side's /metrics are scraped, as Prometheus would
+# after a batch: the outbox drained, then this long (the BatchSpanProcessor exports every 5 s)
+# before the CPU meter stops, on both sides, so the on side's last exports count as its own
+SETTLE_S = 6.0
+SPAN_SERVICES = ("procflow-api", "procflow-worker")  # configure_tracing's service names
+
+
+def observe_env(on: bool, worker_metrics_port: int = 0, sink_port: int = 0) -> dict[str, str]:
+    """The worker's and API's environment of phase 8's off or on stack."""
+    if not on:
+        return {
+            "PROCFLOW_METRICS_ENABLED": "false",
+            "PROCFLOW_WORKER_METRICS_ADDRESS": "",  # the worker serves no SDK metrics
+            "PROCFLOW_TRACING_ENABLED": "false",
+        }
+    return {
+        "PROCFLOW_METRICS_ENABLED": "true",
+        "PROCFLOW_WORKER_METRICS_ADDRESS": f"{HOST}:{worker_metrics_port}",
+        "PROCFLOW_TRACING_ENABLED": "true",
+        "PROCFLOW_OTLP_ENDPOINT": f"http://{HOST}:{sink_port}/v1/traces",
+    }
+
+
+class Scraper:
+    """GET every target every SCRAPE_S seconds while started (as Prometheus would): counts
+    the scrapes per target; `stop` raises if one was not a 200."""
+
+    def __init__(self, targets: dict[str, str], interval_s: float = SCRAPE_S) -> None:
+        self.targets = targets
+        self.interval_s = interval_s
+        self.counts: Counter[str] = Counter({name: 0 for name in targets})
+        self.bytes: dict[str, int] = {}  # the size of each target's last scrape
+        self.errors: list[str] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Scraper:
+        self._http = httpx.AsyncClient(timeout=10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._stop.set()
+            await self._task
+        if self._http is not None:
+            await self._http.aclose()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self.errors:
+            raise RuntimeError(f"scrapes failed: {self.errors[:5]}")
+
+    async def _run(self) -> None:
+        assert self._http is not None
+        while True:
+            for name, url in self.targets.items():
+                try:
+                    r = await self._http.get(url)
+                except httpx.HTTPError as err:
+                    self.errors.append(f"{name} {url}: {err!r}")
+                    continue
+                if r.status_code != 200:
+                    self.errors.append(f"{name} {url}: {r.status_code} {r.text[:200]}")
+                    continue
+                self.counts[name] += 1
+                self.bytes[name] = len(r.content)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.interval_s)
+                return
+            except TimeoutError:
+                pass
+
+
+async def _sink_counts(url: str, timeout_s: float = 0) -> dict[str, Any]:
+    """The OTLP sink's counts (GET /counts); with timeout_s, waits that long for it to be up."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=10) as http:
+        while True:
+            try:
+                r = await http.get(url)
+                r.raise_for_status()
+                return r.json()
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
+
+
+async def _observe_batch(
+    side: Side, mix: list[str], prefix: str, lat: Latencies, scraper: Scraper | None
+) -> dict[str, Any]:
+    """One side's orders of a round, USERS at once: their wall-clock time, and the CPU of its
+    processes until its outbox is drained and SETTLE_S more (the scraper runs meanwhile)."""
+    pids = side.pids
+    meter = CpuMeter({k: pids[k] for k in OBSERVE_CPU})
+    if scraper is not None:
+        scraper.start()
+    meter.start()
+    t0 = time.perf_counter()
+    await gather_limited(
+        list(enumerate(mix)),
+        lambda x: procflow_order(side, f"{prefix}{x[0]}", x[1], lat),
+        USERS,
+        "observe",
+    )
+    wall = time.perf_counter() - t0
+    await outbox_drained(side.engine, phase="observe")
+    await asyncio.sleep(SETTLE_S)
+    cpu = meter.stop()
+    if scraper is not None:
+        await scraper.stop()
+    n = len(mix)
+    return {
+        "orders": n,
+        "wall_s": round(wall, 2),
+        "orders_per_s": n / wall,
+        "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+        "cpu_ms_per_order": round(1000 * sum(cpu.values()) / n, 1),
+    }
+
+
+def observe_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Phase 8's figures from its rounds (each with an "off" and an "on" batch): orders/s
+    over all of a side's orders and driven seconds, CPU ms per order by process, and the
+    overheads of the on side, in percent."""
+    figures: dict[str, Any] = {"rate": {}, "cpu": {}}
+    for side in OBSERVE_SIDES:
+        orders = sum(r[side]["orders"] for r in rounds)
+        wall = sum(r[side]["wall_s"] for r in rounds)
+        procs = rounds[0][side]["cpu_s"]
+        per_order = {k: 1000 * sum(r[side]["cpu_s"][k] for r in rounds) / orders for k in procs}
+        per_order["total"] = sum(per_order.values())
+        figures["rate"][side] = orders / wall
+        figures["cpu"][side] = {k: round(v, 1) for k, v in per_order.items()}
+    off, on = figures["rate"]["off"], figures["rate"]["on"]
+    cpu_off, cpu_on = figures["cpu"]["off"]["total"], figures["cpu"]["on"]["total"]
+    per_round = [100 * (1 - r["on"]["orders_per_s"] / r["off"]["orders_per_s"]) for r in rounds]
+    return {
+        "off_orders_per_s": off,
+        "on_orders_per_s": on,
+        "overhead_pct": 100 * (1 - on / off),
+        "cpu_ms_per_order": figures["cpu"],
+        "cpu_overhead_pct": 100 * (cpu_on / cpu_off - 1),
+        "round_overhead_pct": [round(v, 1) for v in per_round],
+        "round_overhead_min_pct": min(per_round),
+        "round_overhead_max_pct": max(per_round),
+    }
+
+
+async def _observe(sizes: Sizes, tree: Tree, tmp: Path, load: LoadMeter) -> dict[str, Any]:
+    """8. The overhead of metrics and tracing: two stacks of the tree up at once, one with
+    both off, one with the API's /metrics, the worker's SDK metrics and tracing on (spans to
+    an OTLP sink, a subprocess; both /metrics scraped every SCRAPE_S s), driven with the
+    phase-1 order mix in interleaved rounds, alternating which side goes first."""
+    run = uuid.uuid4().hex[:6]
+    per_round = max(1, sizes.observe_orders // sizes.observe_rounds)
+    sink_dir = tmp / "observe-sink"
+    sink_dir.mkdir()
+    sink_port, worker_metrics_port = free_port(), free_port()
+    sink_cmd = [sys.executable, "-m", "bench.otlp_sink", "--host", HOST, "--port", str(sink_port)]
+    sink = spawn("otlp-sink", [*sink_cmd, "--out", str(sink_dir / "counts.json")], sink_dir)
+    counts_url = f"http://{HOST}:{sink_port}/counts"
+    envs = {
+        "off": observe_env(False),
+        "on": observe_env(True, worker_metrics_port, sink_port),
+    }
+    results: dict[str, Any] = {
+        "on_side": tree.label,
+        "target": OBSERVE_TARGET,
+        "orders_per_side": per_round * sizes.observe_rounds,
+        "rounds_count": sizes.observe_rounds,
+        "env": envs,
+    }
+    try:
+        await _sink_counts(counts_url, timeout_s=30)
+        sink.check()
+        say("observe", f"OTLP sink on {HOST}:{sink_port}; starting the off and the on stacks")
+        load.track({"bench_process": os.getpid(), "otlp_sink": sink.popen.pid})
+        async with AsyncExitStack() as stack:
+            sides: dict[str, Side] = {}
+            for name in OBSERVE_SIDES:
+                side = await stack.enter_async_context(
+                    side_stack(tree, tmp, label=f"observe-{name}", extra_env=envs[name])
+                )
+                sides[name] = side
+                load.track({f"observe_{name}_{k}": v for k, v in side.pids.items()})
+            targets = {
+                "api": str(sides["on"].api.http.base_url.join("/metrics")),
+                "worker": f"http://{HOST}:{worker_metrics_port}/metrics",
+            }
+            scraper = await stack.enter_async_context(Scraper(targets))
+            say("observe", "warm-up: one order of each kind on each side")
+            for side in sides.values():
+                warm = Latencies()
+                for kind in KINDS:
+                    await procflow_order(side, f"OW{run}-{kind}", kind, warm)
+                await outbox_drained(side.engine, phase="observe")
+            scraper.start()  # every target answers once before the rounds
+            await scraper.stop()
+            say(
+                "observe",
+                f"{sizes.observe_rounds} rounds of {per_round} orders per side, {USERS} "
+                f"concurrent users, alternating which side goes first; scraping {targets}",
+            )
+            lat = {name: Latencies() for name in OBSERVE_SIDES}
+            rounds: list[dict[str, Any]] = []
+            sink_cpu0 = cpu_s(sink.popen.pid)
+            for r in range(sizes.observe_rounds):
+                order = OBSERVE_SIDES if r % 2 == 0 else OBSERVE_SIDES[::-1]
+                entry: dict[str, Any] = {"round": r + 1, "order": list(order)}
+                for name in order:
+                    mix = order_mix(per_round)
+                    entry[name] = await _observe_batch(
+                        sides[name],
+                        mix,
+                        f"O{name[1].upper()}{run}-{r}-",
+                        lat[name],
+                        scraper if name == "on" else None,
+                    )
+                off, on = entry["off"], entry["on"]
+                entry["overhead_pct"] = 100 * (1 - on["orders_per_s"] / off["orders_per_s"])
+                say(
+                    "observe",
+                    f"round {r + 1} ({order[0]} first): off {off['orders_per_s']:.2f} / on "
+                    f"{on['orders_per_s']:.2f} orders/s ({entry['overhead_pct']:+.1f} %), CPU "
+                    f"{off['cpu_ms_per_order']:.0f} / {on['cpu_ms_per_order']:.0f} ms per order",
+                )
+                rounds.append(entry)
+            sink_cpu = cpu_s(sink.popen.pid) - sink_cpu0
+            for p in [sink, *(p for side in sides.values() for p in side.procs)]:
+                p.check()
+            spans_in_rounds = (await _sink_counts(counts_url))["total"]
+        # the stacks are down (their span processors flushed what they held): the final count
+        spans = await _sink_counts(counts_url)
+    finally:
+        sink.stop()
+    summary = observe_summary(rounds)
+    on_orders = sum(r["on"]["orders"] for r in rounds)
+    results.update(summary)
+    results.update(
+        rounds=rounds,
+        decision_p50_ms={name: pct(lat[name].decisions, 50) for name in OBSERVE_SIDES},
+        final_decision_p50_ms={name: pct(lat[name].final, 50) for name in OBSERVE_SIDES},
+        spans={
+            "total": spans["total"],
+            "by_service": spans["by_service"],
+            "by_name": spans["by_name"],
+            "export_requests": spans["requests"],
+            "export_bytes": spans["bytes"],
+            "rejected": spans["rejected"],
+            "by_end_of_rounds": spans_in_rounds,
+        },
+        scrapes=dict(scraper.counts),
+        scrape_bytes=scraper.bytes,
+        # the collector's CPU, not procflow's: not in cpu_ms_per_order["on"]
+        sink_cpu_ms_per_on_order=round(1000 * sink_cpu / on_orders, 1),
+        met=summary["overhead_pct"] < OBSERVE_TARGET_PCT,
+    )
+    say(
+        "observe",
+        f"off {summary['off_orders_per_s']:.2f} / on {summary['on_orders_per_s']:.2f} orders/s: "
+        f"overhead {summary['overhead_pct']:+.1f} % (rounds "
+        f"{summary['round_overhead_min_pct']:+.1f} to {summary['round_overhead_max_pct']:+.1f} "
+        f"%), CPU {summary['cpu_ms_per_order']['off']['total']:.0f} / "
+        f"{summary['cpu_ms_per_order']['on']['total']:.0f} ms per order "
+        f"({summary['cpu_overhead_pct']:+.1f} %), target {OBSERVE_TARGET}; decision p50 "
+        f"{results['decision_p50_ms']['off']:.0f} / {results['decision_p50_ms']['on']:.0f} ms; "
+        f"{spans['total']} spans {spans['by_service']}, sink CPU "
+        f"{results['sink_cpu_ms_per_on_order']:.1f} ms per on order; scrapes "
+        f"{dict(scraper.counts)}",
+    )
+    missing = [s for s in SPAN_SERVICES if not spans["by_service"].get(s)]
+    if not spans["total"] or missing:
+        raise RuntimeError(
+            f"observe: no spans from {', '.join(missing) or 'anyone'} reached the OTLP sink "
+            f"({spans}); the on stack's logs are in {tmp / 'observe-on'}"
+        )
+    return results
+
+
 # ------------------------------------------------------------------------------ report
 # label, key, unit, target (with "<=" or ">=")
 ROWS: list[tuple[str, str, str, str]] = [
@@ -1519,6 +1836,27 @@ ENGINE_ROWS = [
     ("6 baseline, 2 worker processes", "scale_two_workers_orders_per_s", "orders/s"),
     ("6 ratio 2 / 1 workers", "scale_out_ratio", "x"),
 ]
+# phase 8: label, a function of results["observe"], unit, target
+OBSERVE_ROWS: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
+    ("8 orders/s, metrics + tracing off", lambda o: o["off_orders_per_s"], "orders/s", ""),
+    ("8 orders/s, metrics + tracing on", lambda o: o["on_orders_per_s"], "orders/s", ""),
+    ("8 overhead in orders/s", lambda o: o["overhead_pct"], "%", OBSERVE_TARGET),
+    ("8   lowest round", lambda o: o["round_overhead_min_pct"], "%", ""),
+    ("8   highest round", lambda o: o["round_overhead_max_pct"], "%", ""),
+    ("8 CPU ms per order, off", lambda o: o["cpu_ms_per_order"]["off"]["total"], "ms", ""),
+    ("8 CPU ms per order, on", lambda o: o["cpu_ms_per_order"]["on"]["total"], "ms", ""),
+    ("8 overhead in CPU per order", lambda o: o["cpu_overhead_pct"], "%", ""),
+    ("8 worker CPU ms per order, off", lambda o: o["cpu_ms_per_order"]["off"]["worker"], "ms", ""),
+    ("8 worker CPU ms per order, on", lambda o: o["cpu_ms_per_order"]["on"]["worker"], "ms", ""),
+    ("8 API CPU ms per order, off", lambda o: o["cpu_ms_per_order"]["off"]["api"], "ms", ""),
+    ("8 API CPU ms per order, on", lambda o: o["cpu_ms_per_order"]["on"]["api"], "ms", ""),
+    ("8 mid decision p50, off", lambda o: o["decision_p50_ms"]["off"], "ms", ""),
+    ("8 mid decision p50, on", lambda o: o["decision_p50_ms"]["on"], "ms", ""),
+    ("8 spans received by the sink", lambda o: o["spans"]["total"], "", ""),
+    ("8 sink CPU per on order (not counted)", lambda o: o["sink_cpu_ms_per_on_order"], "ms", ""),
+    ("8 scrapes of the API's /metrics", lambda o: o["scrapes"].get("api"), "", ""),
+    ("8 scrapes of the worker's /metrics", lambda o: o["scrapes"].get("worker"), "", ""),
+]
 
 
 def _fmt(v: Any) -> str:
@@ -1542,7 +1880,10 @@ def table(results: dict[str, Any]) -> str:
             continue
         cells = " ".join(f"{_fmt(v):>12}" for v in values)
         lines.append(f"{label:<40} {cells}  {unit:<9} {target}")
-    lines.append("-" * len(head))
+    if len(lines) == 2:  # no per-side figure (e.g. --phases observe): no per-side table
+        lines.clear()
+    else:
+        lines.append("-" * len(head))
     for lb in labels:
         t, load = sides[lb]["tree"], sides[lb].get("load", {})
         lines.append(
@@ -1556,6 +1897,16 @@ def table(results: dict[str, Any]) -> str:
         for label, key, unit in ENGINE_ROWS:
             if key in engine:
                 lines.append(f"{label:<40} {_fmt(engine[key]):>12}  {unit}")
+    observe = results.get("observe")
+    if observe:
+        lines.append(
+            f"observe (two stacks of the {observe['on_side']} tree, "
+            f"{observe['orders_per_side']} orders per side in {observe['rounds_count']} rounds):"
+        )
+        for label, get, unit, target in OBSERVE_ROWS:
+            lines.append(f"{label:<40} {_fmt(get(observe)):>12}  {unit:<9} {target}")
+        by_service = ", ".join(f"{k} {v:,}" for k, v in observe["spans"]["by_service"].items())
+        lines.append(f"  spans by service: {by_service}")
     m = results["machine"]
     lines.append(
         f"{m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}; Python {m['python']}, "
