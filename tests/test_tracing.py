@@ -145,6 +145,10 @@ async def test_one_decision_is_one_trace(
             for probe in ("/healthz", "/readyz", "/metrics"):
                 assert (await api.http.get(probe)).status_code == 200, probe
             assert (await api.get("/orders", "alice")).status_code == 200
+            # the order's status (a workflow query): the request is traced, the query not
+            order_no = body["order_no"]
+            assert (await api.get(f"/orders/{order_no}", "alice")).status_code == 200
+            queried = await _spans_until(exporter, "GET /orders/{order_no}")
             quiet = [
                 s for s in await _spans_until(exporter, "GET /orders") if "/orders" not in s.name
             ]
@@ -152,6 +156,7 @@ async def test_one_decision_is_one_trace(
     # a server span per request, not one per ASGI message; the probes and scrapes untraced
     assert not [s.name for s in spans if s.name.endswith((" http send", " http receive"))]
     assert not [s.name for s in quiet], [s.name for s in quiet]
+    assert not [s.name for s in queried if "Query" in s.name], [s.name for s in queried]
 
     # the order's start: the workflow's spans hang on the request that started it
     http_start = _one(started, "POST /orders")
