@@ -16,7 +16,7 @@ each with a stack of its own; PROCFLOW_BENCH_TREES="before=/tmp/before after=/tm
 the same for `make bench`.
 
 Phase 8 (`--phases observe`) starts two more stacks of the last tree, metrics and tracing off
-and on (spans to bench/otlp_sink.py, a subprocess; /metrics scraped), and drives both with the
+and on (spans to scripts/otlp_sink.py, a subprocess; /metrics scraped), and drives both with the
 order mix in interleaved rounds: the overhead of observability, target < 10 %.
 """
 
@@ -1658,7 +1658,7 @@ async def _observe(sizes: Sizes, tree: Tree, tmp: Path, load: LoadMeter) -> dict
     sink_dir = tmp / "observe-sink"
     sink_dir.mkdir()
     sink_port, worker_metrics_port = free_port(), free_port()
-    sink_cmd = [sys.executable, "-m", "bench.otlp_sink", "--host", HOST, "--port", str(sink_port)]
+    sink_cmd = [sys.executable, "-m", "scripts.otlp_sink", "--host", HOST, "--port", str(sink_port)]
     sink = spawn("otlp-sink", [*sink_cmd, "--out", str(sink_dir / "counts.json")], sink_dir)
     counts_url = f"http://{HOST}:{sink_port}/counts"
     envs = {

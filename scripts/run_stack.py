@@ -6,6 +6,8 @@ One supervisor, six children, started in this order, each with its output prefix
     temporal  Temporal dev server (SQLite in <data-dir>/temporal.db, Web UI) + search attributes
     migrate   alembic upgrade head        (one-shot, must succeed)
     seed      demo users, policies, stock (one-shot, must succeed)
+    traces    only with PROCFLOW_TRACING_ENABLED=true and no PROCFLOW_OTLP_ENDPOINT: an OTLP
+              receiver writing every span to <data-dir>/traces.jsonl
     worker    the Temporal worker
     api       the FastAPI app (uvicorn)
 
@@ -120,6 +122,13 @@ class StackConfig:
     # the worker's GET /healthz and /readyz; 0: not served. Not among ports() either: a worker
     # that finds it taken runs without it (core/health.py), and the stack waits for it no more
     worker_health_port: int = 9465
+    # with PROCFLOW_TRACING_ENABLED=true and no PROCFLOW_OTLP_ENDPOINT: a local OTLP receiver
+    # (scripts/otlp_sink.py) here writes every span to <data_dir>/traces.jsonl; 0: none
+    traces_port: int = 4318
+
+    @property
+    def traces_endpoint(self) -> str:
+        return f"http://{self.host}:{self.traces_port}/v1/traces"
 
     @property
     def temporal_address(self) -> str:
@@ -166,6 +175,13 @@ def parse_args(argv: list[str] | None = None) -> StackConfig:
         help="the worker's /healthz and /readyz (0: off)",
     )
     parser.add_argument(
+        "--traces-port",
+        type=int,
+        default=int(env.get("PROCFLOW_STACK_TRACES_PORT", 4318)),
+        help="the local trace receiver when tracing is on without PROCFLOW_OTLP_ENDPOINT "
+        "(spans to DATA_DIR/traces.jsonl; 0: none)",
+    )
+    parser.add_argument(
         "--data-dir", type=Path, default=Path(env.get("PROCFLOW_STACK_DATA_DIR", ROOT / ".data"))
     )
     args = parser.parse_args(argv)
@@ -178,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> StackConfig:
         data_dir=args.data_dir.resolve(),
         metrics_port=args.metrics_port,
         worker_health_port=args.worker_health_port,
+        traces_port=args.traces_port,
     )
 
 
@@ -493,7 +510,19 @@ def child_env(config: StackConfig) -> dict[str, str]:
     env.setdefault(
         "PROCFLOW_DATABASE_URL", f"sqlite+aiosqlite:///{config.data_dir / 'procflow.db'}"
     )
+    if local_traces(config, stack_settings()):
+        env["PROCFLOW_OTLP_ENDPOINT"] = config.traces_endpoint
     return env
+
+
+def local_traces(config: StackConfig, settings: Settings | None) -> bool:
+    """Tracing is on and exports nowhere: the stack runs its own receiver for the spans."""
+    return bool(
+        config.traces_port
+        and settings is not None
+        and settings.tracing_enabled
+        and not settings.otlp_endpoint
+    )
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -778,6 +807,13 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
     start_temporal(stack, config)
     stack.run_once("migrate", python_module("scripts.migrate"))
     stack.run_once("seed", python_module("scripts.seed"))
+    traces = config.data_dir / "traces.jsonl"
+    traced_here = stack.env.get("PROCFLOW_OTLP_ENDPOINT") == config.traces_endpoint
+    if traced_here:  # tracing on, no endpoint of the caller's: spans to a file of this stack
+        traces_args = ["--host", config.host, "--port", str(config.traces_port)]
+        stack.start(
+            "traces", python_module("scripts.otlp_sink", *traces_args, "--jsonl", str(traces))
+        )
     stack.start("worker", [sys.executable, "worker.py"])
     # --no-proxy-headers: request.client is the socket peer; the app decides whom to believe
     # (PROCFLOW_TRUSTED_PROXIES)
@@ -806,6 +842,7 @@ def start_stack(stack: Stack, config: StackConfig) -> None:
             else ""
         ),
         f"  mail         {mail_dir}",
+        *([f"  traces       {traces} (a JSON line per span)"] if traced_here else []),
         "Ctrl-C stops everything; the data stays in " + str(config.data_dir),
     ):
         say("stack", line)

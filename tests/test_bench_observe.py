@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from bench import run
-from bench.otlp_sink import SinkServer
+from scripts.otlp_sink import SinkServer
 
 
 @pytest.fixture

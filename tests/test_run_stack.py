@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import IndexedValueType
@@ -112,6 +113,44 @@ def test_make_run_serves_the_worker_health_on_9465_unless_told_otherwise(tmp_pat
     assert run_stack.parse_args(["--data-dir", str(tmp_path)]).worker_health_port == 9465
     off = run_stack.parse_args(["--worker-health-port", "0", "--data-dir", str(tmp_path)])
     assert run_stack.child_env(off)["PROCFLOW_WORKER_HEALTH_ADDRESS"] == ""
+
+
+def test_tracing_on_without_an_endpoint_gets_a_local_receiver_writing_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PROCFLOW_OTLP_ENDPOINT", raising=False)
+    monkeypatch.setenv("PROCFLOW_TRACING_ENABLED", "true")
+    config = free_config(tmp_path)
+    env = run_stack.child_env(config)
+    assert env["PROCFLOW_OTLP_ENDPOINT"] == f"http://127.0.0.1:{config.traces_port}/v1/traces"
+    started: dict[str, list[str]] = {}
+
+    class Recording(run_stack.Stack):
+        def start(self, name: str, cmd: list[str]) -> Any:
+            started[name] = cmd
+
+        def run_once(self, name: str, cmd: list[str]) -> None:
+            started[name] = cmd
+
+    monkeypatch.setattr(run_stack, "start_temporal", lambda stack, config: None)
+    monkeypatch.setattr(run_stack, "wait_until", lambda *args: None)
+    run_stack.start_stack(Recording(env), config)
+    assert list(started).index("traces") < list(started).index("worker")
+    traces = started["traces"]
+    assert traces[1:3] == ["-m", "scripts.otlp_sink"]
+    assert traces[traces.index("--port") + 1] == str(config.traces_port)
+    assert traces[traces.index("--jsonl") + 1] == str(tmp_path / "traces.jsonl")
+
+    # an endpoint of the caller's is kept, and nothing of the stack's receives
+    monkeypatch.setenv("PROCFLOW_OTLP_ENDPOINT", "http://collector:4318/v1/traces")
+    assert run_stack.child_env(config)["PROCFLOW_OTLP_ENDPOINT"].startswith("http://collector")
+    started.clear()
+    run_stack.start_stack(Recording(run_stack.child_env(config)), config)
+    assert "traces" not in started
+    # tracing off (the default): no receiver, no endpoint
+    monkeypatch.delenv("PROCFLOW_OTLP_ENDPOINT")
+    monkeypatch.delenv("PROCFLOW_TRACING_ENABLED")
+    assert "PROCFLOW_OTLP_ENDPOINT" not in run_stack.child_env(config)
 
 
 def test_an_explicit_database_url_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,10 @@
-"""A minimal OTLP/HTTP trace collector for the benchmark's `observe` phase.
+"""A minimal OTLP/HTTP trace receiver: `make run`'s local traces and the benchmark's sink.
 
-    python -m bench.otlp_sink --port N [--host 127.0.0.1] [--out FILE]
+    python -m scripts.otlp_sink --port N [--host 127.0.0.1] [--out FILE] [--jsonl FILE]
+
+With `--jsonl` every span is appended to FILE as one JSON object a line (trace and span ids,
+the parent's, service, name, kind, start, duration, attributes): `make run` with
+PROCFLOW_TRACING_ENABLED=true and no PROCFLOW_OTLP_ENDPOINT writes `.data/traces.jsonl` so.
 
 Accepts `POST /v1/traces` with an OTLP protobuf body (`ExportTraceServiceRequest`, gzip
 or not), answers 200 with an empty `ExportTraceServiceResponse` (application/x-protobuf),
@@ -128,6 +132,7 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(400, f"bad request: {err}\n".encode(), "text/plain")
             return
         self.server.counts.add(request, len(body))
+        self.server.keep(request)
         self._answer(200, ExportTraceServiceResponse().SerializeToString(), PROTOBUF)
 
     def do_GET(self) -> None:
@@ -138,21 +143,75 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(200, body, "application/json")
 
 
+_KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+
+
+def _value(any_value: Any) -> Any:
+    """An OTLP AnyValue as plain JSON (scalars; arrays and maps as their string form)."""
+    field = any_value.WhichOneof("value")
+    if field is None:
+        return None
+    value = getattr(any_value, field)
+    return (
+        value
+        if field in ("string_value", "bool_value", "int_value", "double_value")
+        else str(value)
+    )
+
+
+def span_lines(request: ExportTraceServiceRequest) -> list[str]:
+    """One JSON line per span of an export request."""
+    lines = []
+    for resource_spans in request.resource_spans:
+        service = service_name(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                record = {
+                    "trace_id": span.trace_id.hex(),
+                    "span_id": span.span_id.hex(),
+                    "parent_span_id": span.parent_span_id.hex() or None,
+                    "service": service,
+                    "name": span.name,
+                    "kind": _KINDS.get(span.kind, str(span.kind)),
+                    "start_unix_nano": span.start_time_unix_nano,
+                    "duration_ms": round(
+                        (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6, 3
+                    ),
+                    "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
+                }
+                lines.append(json.dumps(record, separators=(",", ":")))
+    return lines
+
+
 class SinkServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], jsonl: Path | None = None) -> None:
         super().__init__(address, Handler)
         self.counts = SpanCounts()
+        self.jsonl = jsonl
+        self._write_lock = threading.Lock()
+
+    def keep(self, request: ExportTraceServiceRequest) -> None:
+        """Append the request's spans to the JSON-lines file, if there is one."""
+        if self.jsonl is None:
+            return
+        lines = span_lines(request)
+        if lines:
+            with self._write_lock, self.jsonl.open("a", encoding="utf-8") as out:
+                out.write("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.otlp_sink", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.otlp_sink", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", type=Path, help="write the counts (JSON) here on SIGTERM")
+    parser.add_argument("--jsonl", type=Path, help="append every span here, a JSON line each")
     args = parser.parse_args(argv)
-    server = SinkServer((args.host, args.port))
+    if args.jsonl is not None:
+        args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    server = SinkServer((args.host, args.port), args.jsonl)
 
     def stop(signum: int, frame: Any) -> None:
         # shutdown() waits for serve_forever, which runs in this very thread: from another
