@@ -60,3 +60,47 @@ def test_every_span_is_a_json_line_with_its_parent_and_attributes(
     assert mail["attributes"] == {"procflow.recipients": 2}
     assert mail["duration_ms"] >= 0 and mail["start_unix_nano"] > 0
 
+
+def test_scripts_traces_prints_the_newest_matching_trace_as_a_tree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scripts import traces
+
+    def span(trace: str, sid: str, parent: str | None, name: str, start: int) -> str:
+        record = {
+            "trace_id": trace,
+            "span_id": sid,
+            "parent_span_id": parent,
+            "service": "procflow-api" if name.startswith("POST") else "procflow-worker",
+            "name": name,
+            "kind": "server",
+            "start_unix_nano": start,
+            "duration_ms": 1.5,
+            "attributes": {},
+        }
+        return json.dumps(record)
+
+    path = tmp_path / "traces.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                span("old", "a", None, "POST /tasks/{task_id}/decision", 1),
+                span("new", "b", None, "POST /tasks/{task_id}/decision", 10),
+                span("new", "d", "c", "RunActivity:project", 13),
+                span("new", "c", "b", "HandleUpdate:decide", 12),
+                span("new", "e", "d", "SendMail", 20),
+                span("other", "f", None, "POST /orders", 30),
+            ]
+        )
+        + "\n"
+    )
+    assert traces.main([str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "trace new",
+        "POST /tasks/{task_id}/decision  [procflow-api, 1.5 ms]",
+        "  HandleUpdate:decide  [procflow-worker, 1.5 ms]",
+        "    RunActivity:project  [procflow-worker, 1.5 ms]",
+        "      SendMail  [procflow-worker, 1.5 ms]",
+    ]
+    assert traces.main([str(path), "--match", "nothing"]) == 1
+    assert traces.main([str(tmp_path / "missing.jsonl")]) == 2
