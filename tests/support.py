@@ -351,3 +351,25 @@ async def update_latest_run(
             if "closing" not in err.message and "completed" not in err.message:
                 raise
     raise AssertionError("the update never reached a running run")
+
+
+def started_commands(
+    monkeypatch: Any, config: StackConfig, env: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """What scripts/run_stack.start_stack would start, by child name, in start order (nothing
+    is started: Temporal and the readiness waits are left out)."""
+    from scripts import run_stack
+
+    started: dict[str, list[str]] = {}
+
+    class Recording(run_stack.Stack):
+        def start(self, name: str, cmd: list[str]) -> Any:
+            started[name] = cmd
+
+        def run_once(self, name: str, cmd: list[str]) -> None:
+            started[name] = cmd
+
+    monkeypatch.setattr(run_stack, "start_temporal", lambda stack, config: None)
+    monkeypatch.setattr(run_stack, "wait_until", lambda *args: None)
+    run_stack.start_stack(Recording(env or {}), config)
+    return started

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import IndexedValueType
@@ -23,7 +22,7 @@ from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, connect, indexed_value_type
 from scripts import run_stack
 from scripts.run_stack import Stack, StackConfig, StackError
-from tests.support import free_config
+from tests.support import free_config, started_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,18 +122,7 @@ def test_tracing_on_without_an_endpoint_gets_a_local_receiver_writing_a_file(
     config = free_config(tmp_path)
     env = run_stack.child_env(config)
     assert env["PROCFLOW_OTLP_ENDPOINT"] == f"http://127.0.0.1:{config.traces_port}/v1/traces"
-    started: dict[str, list[str]] = {}
-
-    class Recording(run_stack.Stack):
-        def start(self, name: str, cmd: list[str]) -> Any:
-            started[name] = cmd
-
-        def run_once(self, name: str, cmd: list[str]) -> None:
-            started[name] = cmd
-
-    monkeypatch.setattr(run_stack, "start_temporal", lambda stack, config: None)
-    monkeypatch.setattr(run_stack, "wait_until", lambda *args: None)
-    run_stack.start_stack(Recording(env), config)
+    started = started_commands(monkeypatch, config, env)
     assert list(started).index("traces") < list(started).index("worker")
     traces = started["traces"]
     assert traces[1:3] == ["-m", "scripts.otlp_sink"]
@@ -144,9 +132,7 @@ def test_tracing_on_without_an_endpoint_gets_a_local_receiver_writing_a_file(
     # an endpoint of the caller's is kept, and nothing of the stack's receives
     monkeypatch.setenv("PROCFLOW_OTLP_ENDPOINT", "http://collector:4318/v1/traces")
     assert run_stack.child_env(config)["PROCFLOW_OTLP_ENDPOINT"].startswith("http://collector")
-    started.clear()
-    run_stack.start_stack(Recording(run_stack.child_env(config)), config)
-    assert "traces" not in started
+    assert "traces" not in started_commands(monkeypatch, config, run_stack.child_env(config))
     # tracing off (the default): no receiver, no endpoint
     monkeypatch.delenv("PROCFLOW_OTLP_ENDPOINT")
     monkeypatch.delenv("PROCFLOW_TRACING_ENABLED")

@@ -46,19 +46,23 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+def _worker(dev_env: WorkflowEnvironment, engine: AsyncEngine, sink: MailSink) -> ProcflowWorker:
+    """The real worker (not started) on a fresh task queue."""
+    sessions = make_session_factory(engine)
+    return build_worker(
+        dev_env.client,
+        task_queue=f"health-{uuid.uuid4()}",
+        session_factory=sessions,
+        sender=SmtpSender(sink.host, sink.port, 10, "procflow@localhost"),
+        provider=SandboxPaymentProvider(sessions),
+    )
+
+
 @pytest_asyncio.fixture
 async def running(
     dev_env: WorkflowEnvironment, engine: AsyncEngine, mail_sink: MailSink
 ) -> AsyncIterator[ProcflowWorker]:
-    sessions = make_session_factory(engine)
-    worker = build_worker(
-        dev_env.client,
-        task_queue=f"health-{uuid.uuid4()}",
-        session_factory=sessions,
-        sender=SmtpSender(mail_sink.host, mail_sink.port, 10, "procflow@localhost"),
-        provider=SandboxPaymentProvider(sessions),
-    )
-    async with worker:
+    async with _worker(dev_env, engine, mail_sink) as worker:
         yield worker
 
 
@@ -116,14 +120,7 @@ async def test_a_dead_loop_makes_the_worker_unhealthy_naming_it(
 async def test_a_stopped_temporal_worker_is_unhealthy(
     dev_env: WorkflowEnvironment, engine: AsyncEngine, mail_sink: MailSink
 ):
-    sessions = make_session_factory(engine)
-    worker = build_worker(
-        dev_env.client,
-        task_queue=f"health-{uuid.uuid4()}",
-        session_factory=sessions,
-        sender=SmtpSender(mail_sink.host, mail_sink.port, 10, "procflow@localhost"),
-        provider=SandboxPaymentProvider(sessions),
-    )
+    worker = _worker(dev_env, engine, mail_sink)
     server = health_server(worker, dev_env.client, engine, "127.0.0.1:0", 5)
     assert await server.start()
     try:

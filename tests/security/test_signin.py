@@ -45,7 +45,7 @@ from core.settings import DEV_JWT_SECRET, Settings
 from scripts import run_stack
 from scripts.seed import DEMO_PASSWORD
 from tests.security.conftest import bearer, role_user
-from tests.support import free_port
+from tests.support import free_port, started_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "/auth/token"
@@ -207,18 +207,8 @@ def compose_api_command() -> tuple[list[str], dict[str, str]]:
 
 def run_stack_api_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The command scripts/run_stack.py starts the API with (the other children not started)."""
-    started: dict[str, list[str]] = {}
-
-    class Recording(run_stack.Stack):
-        def start(self, name: str, cmd: list[str]) -> Any:
-            started[name] = cmd
-
-        def run_once(self, name: str, cmd: list[str]) -> None:
-            started[name] = cmd
-
-    monkeypatch.setattr(run_stack, "start_temporal", lambda stack, config: None)
-    monkeypatch.setattr(run_stack, "wait_until", lambda *args: None)
-    run_stack.start_stack(Recording({}), run_stack.StackConfig(data_dir=tmp_path / "stack"))
+    config = run_stack.StackConfig(data_dir=tmp_path / "stack")
+    started = started_commands(monkeypatch, config)
     return started["api"]
 
 
