@@ -8,8 +8,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 
+from core.db import Base, make_engine
 from scripts.migrate import alembic_config, ensure_sqlite_dir
 from tests.support import PostgresServer
 
@@ -44,3 +48,19 @@ async def database_at(
         yield url
     finally:
         await server.drop_database(url)
+
+
+async def inspect_db(url: str, fn):  # type: ignore[no-untyped-def]
+    """fn(connection) on a connection of its own to url (sync, as sa.inspect needs)."""
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(fn)
+    finally:
+        await engine.dispose()
+
+
+def differences_from_models(conn: sa.Connection) -> list:
+    """What Alembic's autogenerate finds between the database and core/db.py ([]: none)."""
+    context = MigrationContext.configure(conn, opts={"compare_type": True})
+    return compare_metadata(context, Base.metadata)

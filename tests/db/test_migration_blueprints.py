@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
-from core.db import Base, BlueprintCurrent, BlueprintVersion, make_engine, make_session_factory
-from tests.db.conftest import database_at, run_alembic
+from core.db import BlueprintCurrent, BlueprintVersion, make_engine, make_session_factory
+from tests.db.conftest import database_at, differences_from_models, inspect_db, run_alembic
 
 AT = datetime(2026, 12, 8, 9, 0, tzinfo=UTC)
 TABLES = {"blueprint_versions", "blueprint_current"}
@@ -29,22 +27,8 @@ async def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         yield url
 
 
-async def _inspect(url: str, fn):  # type: ignore[no-untyped-def]
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return await conn.run_sync(fn)
-    finally:
-        await engine.dispose()
-
-
 def _tables(conn: sa.Connection) -> set[str]:
     return set(sa.inspect(conn).get_table_names())
-
-
-def _differences_from_models(conn: sa.Connection) -> list:
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
-    return compare_metadata(context, Base.metadata)
 
 
 def _version(version: str, seq: int) -> BlueprintVersion:
@@ -66,8 +50,8 @@ async def test_upgrade_from_empty_creates_the_blueprint_tables_as_the_models_hav
 ):
     await run_alembic(empty_url, "upgrade", "head")
 
-    assert TABLES <= await _inspect(empty_url, _tables)
-    assert await _inspect(empty_url, _differences_from_models) == []
+    assert TABLES <= await inspect_db(empty_url, _tables)
+    assert await inspect_db(empty_url, differences_from_models) == []
     engine = make_engine(empty_url)
     sessions = make_session_factory(engine)
     try:
@@ -92,14 +76,14 @@ async def test_upgrade_from_empty_creates_the_blueprint_tables_as_the_models_hav
 
 async def test_downgrade_to_0004_drops_them_and_upgrade_brings_them_back(empty_url: str):
     await run_alembic(empty_url, "upgrade", "0004")
-    before = await _inspect(empty_url, _tables)
+    before = await inspect_db(empty_url, _tables)
     await run_alembic(empty_url, "upgrade", "head")
 
     await run_alembic(empty_url, "downgrade", "0004")
 
-    assert await _inspect(empty_url, _tables) == before
+    assert await inspect_db(empty_url, _tables) == before
     assert not TABLES & before
     await run_alembic(empty_url, "upgrade", "head")
-    assert await _inspect(empty_url, _differences_from_models) == []
+    assert await inspect_db(empty_url, differences_from_models) == []
     await run_alembic(empty_url, "downgrade", "base")
-    assert await _inspect(empty_url, _tables) <= {"alembic_version"}
+    assert await inspect_db(empty_url, _tables) <= {"alembic_version"}

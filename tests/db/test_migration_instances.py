@@ -12,14 +12,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy import select
 from sqlalchemy.engine.interfaces import ReflectedForeignKeyConstraint
 from sqlalchemy.exc import IntegrityError
 
 from core.db import (
-    Base,
     LedgerEntry,
     Order,
     ProcessInstance,
@@ -27,7 +24,7 @@ from core.db import (
     make_engine,
     make_session_factory,
 )
-from tests.db.conftest import database_at, run_alembic
+from tests.db.conftest import database_at, differences_from_models, inspect_db, run_alembic
 
 CREATED = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 UPDATED = CREATED + timedelta(hours=3)
@@ -116,15 +113,6 @@ async def _insert_old_rows(url: str) -> None:
         await engine.dispose()
 
 
-async def _inspect(url: str, fn):  # type: ignore[no-untyped-def]
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return await conn.run_sync(fn)
-    finally:
-        await engine.dispose()
-
-
 FK_TABLES = ("orders", "order_lines")
 
 
@@ -147,11 +135,6 @@ def _schema(conn: sa.Connection) -> dict[str, object]:
         },
         "foreign_keys": {t: sorted(map(_fk, inspector.get_foreign_keys(t))) for t in FK_TABLES},
     }
-
-
-def _differences_from_models(conn: sa.Connection) -> list:
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
-    return compare_metadata(context, Base.metadata)
 
 
 async def test_upgrade_gives_every_order_an_instance_a_visit_and_its_ledger_workflow_ids(
@@ -218,12 +201,12 @@ async def test_upgrade_gives_every_order_an_instance_a_visit_and_its_ledger_work
     # the orders were recreated on SQLite: their lines survived, the model reads them
     assert lines == 1
     assert order is not None and str(order.amount) == "1234.50"
-    assert await _inspect(url_at_0003, _differences_from_models) == []
+    assert await inspect_db(url_at_0003, differences_from_models) == []
 
 
 async def test_upgraded_orders_reference_their_instance(url_at_0003):
     await run_alembic(url_at_0003, "upgrade", "head")
-    schema = await _inspect(url_at_0003, _schema)
+    schema = await inspect_db(url_at_0003, _schema)
     assert schema["foreign_keys"] == {
         "orders": [("process_instances", ("workflow_id",), None)],
         "order_lines": [("orders", ("order_no",), "CASCADE")],
@@ -246,12 +229,12 @@ async def test_upgraded_orders_reference_their_instance(url_at_0003):
 
 async def test_downgrade_drops_what_the_upgrade_added_and_keeps_the_orders(url_at_0003):
     await _insert_old_rows(url_at_0003)
-    schema_before = await _inspect(url_at_0003, _schema)
+    schema_before = await inspect_db(url_at_0003, _schema)
     await run_alembic(url_at_0003, "upgrade", "head")
 
     await run_alembic(url_at_0003, "downgrade", "0003")
 
-    assert await _inspect(url_at_0003, _schema) == schema_before
+    assert await inspect_db(url_at_0003, _schema) == schema_before
     engine = make_engine(url_at_0003)
     try:
         async with engine.connect() as conn:
@@ -265,4 +248,4 @@ async def test_downgrade_drops_what_the_upgrade_added_and_keeps_the_orders(url_a
         await engine.dispose()
     # and up again: the backfill runs on the same data a second time without a conflict
     await run_alembic(url_at_0003, "upgrade", "head")
-    assert await _inspect(url_at_0003, _differences_from_models) == []
+    assert await inspect_db(url_at_0003, differences_from_models) == []

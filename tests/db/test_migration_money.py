@@ -13,12 +13,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy import select
 
 from core.db import (
-    Base,
     Invoice,
     LedgerEntry,
     Order,
@@ -28,7 +25,7 @@ from core.db import (
     make_engine,
     make_session_factory,
 )
-from tests.db.conftest import database_at, run_alembic
+from tests.db.conftest import database_at, differences_from_models, inspect_db, run_alembic
 
 AT = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 MONEY, QUANTITY = sa.Numeric(18, 2), sa.Numeric(18, 3)
@@ -220,15 +217,6 @@ def _expected(v: dict[str, Decimal]) -> dict[str, list[str]]:
     }
 
 
-async def _inspect(url: str, fn):  # type: ignore[no-untyped-def]
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return await conn.run_sync(fn)
-    finally:
-        await engine.dispose()
-
-
 def _schema(conn: sa.Connection) -> dict[str, object]:
     inspector = sa.inspect(conn)
     return {
@@ -243,16 +231,11 @@ def _schema(conn: sa.Connection) -> dict[str, object]:
     }
 
 
-def _differences_from_models(conn: sa.Connection) -> list:
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
-    return compare_metadata(context, Base.metadata)
-
-
 async def test_upgrade_converts_existing_money_and_quantities_exactly(url_at_0002):
     dialect = sa.make_url(url_at_0002).get_backend_name()
     values = _values(dialect)
     await _insert_old_rows(url_at_0002, values)
-    schema_before = await _inspect(url_at_0002, _schema)
+    schema_before = await inspect_db(url_at_0002, _schema)
 
     await run_alembic(url_at_0002, "upgrade", "0003")
 
@@ -270,18 +253,18 @@ async def test_upgrade_converts_existing_money_and_quantities_exactly(url_at_000
     cents = int(values["big"] * 100)
     assert [tuple(row) for row in stored] == [(cents, cents), (1, 1)]
     # SQLite recreated orders: its order lines survived, indexes and the foreign key are back
-    assert await _inspect(url_at_0002, _schema) == schema_before
+    assert await inspect_db(url_at_0002, _schema) == schema_before
     # and the later migrations bring it to the models (0004 on data converted by 0003)
     await run_alembic(url_at_0002, "upgrade", "head")
     assert await _read_through_models(url_at_0002) == _expected(values)
-    assert await _inspect(url_at_0002, _differences_from_models) == []
+    assert await inspect_db(url_at_0002, differences_from_models) == []
 
 
 async def test_downgrade_gives_the_old_columns_their_values_back(url_at_0002):
     dialect = sa.make_url(url_at_0002).get_backend_name()
     values = _values(dialect)
     await _insert_old_rows(url_at_0002, values)
-    schema_before = await _inspect(url_at_0002, _schema)
+    schema_before = await inspect_db(url_at_0002, _schema)
     await run_alembic(url_at_0002, "upgrade", "head")
 
     await run_alembic(url_at_0002, "downgrade", "0002")
@@ -303,7 +286,7 @@ async def test_downgrade_gives_the_old_columns_their_values_back(url_at_0002):
         await engine.dispose()  # fmt: skip
     assert [str(a) for a in amounts] == [str(values["big"]), str(values["small"])]
     assert [str(q) for q in quantities] == [str(values["quantity"]), str(values["fraction"])]
-    assert await _inspect(url_at_0002, _schema) == schema_before
+    assert await inspect_db(url_at_0002, _schema) == schema_before
 
 
 async def test_upgrade_rounds_sqlite_values_half_up_once(tmp_path):

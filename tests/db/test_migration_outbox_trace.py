@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 
-from core.db import Base, make_engine
-from tests.db.conftest import database_at, run_alembic
+from core.db import make_engine
+from tests.db.conftest import database_at, differences_from_models, run_alembic
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
@@ -49,11 +47,6 @@ def _trace_contexts(conn: sa.Connection) -> list:
     return list(conn.execute(sa.text("SELECT trace_context FROM notification_outbox")).scalars())
 
 
-def _differences(conn: sa.Connection) -> list:
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
-    return compare_metadata(context, Base.metadata)
-
-
 async def test_0007_adds_the_trace_context_and_takes_it_away_again(url_at_0006: str):
     await _run(url_at_0006, _queue_one)
     assert "trace_context" not in await _run(url_at_0006, _columns)
@@ -62,7 +55,7 @@ async def test_0007_adds_the_trace_context_and_takes_it_away_again(url_at_0006: 
     assert "trace_context" in await _run(url_at_0006, _columns)
     assert await _run(url_at_0006, _trace_contexts) == [None]  # queued before: no trace
     await run_alembic(url_at_0006, "upgrade", "head")
-    assert await _run(url_at_0006, _differences) == []
+    assert await _run(url_at_0006, differences_from_models) == []
 
     await run_alembic(url_at_0006, "downgrade", "0006")
     assert "trace_context" not in await _run(url_at_0006, _columns)

@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
-from core.db import Base, PaymentDecline, make_engine, make_session_factory
-from tests.db.conftest import database_at, run_alembic
+from core.db import PaymentDecline, make_engine, make_session_factory
+from tests.db.conftest import database_at, differences_from_models, inspect_db, run_alembic
 
 TABLE = "payment_declines"
 
@@ -25,15 +23,6 @@ TABLE = "payment_declines"
 async def url_at_0005(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     async with database_at(request, tmp_path, "0005") as url:
         yield url
-
-
-async def _inspect(url: str, fn):  # type: ignore[no-untyped-def]
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return await conn.run_sync(fn)
-    finally:
-        await engine.dispose()
 
 
 def _tables(conn: sa.Connection) -> set[str]:
@@ -45,11 +34,6 @@ def _indexes(conn: sa.Connection) -> dict[str, tuple[list[str], bool]]:
         ix["name"]: (ix["column_names"], bool(ix["unique"]))
         for ix in sa.inspect(conn).get_indexes(TABLE)
     }
-
-
-def _differences_from_models(conn: sa.Connection) -> list:
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
-    return compare_metadata(context, Base.metadata)
 
 
 def _decline(key: str, amount: str = "12.34") -> PaymentDecline:
@@ -65,13 +49,13 @@ def _decline(key: str, amount: str = "12.34") -> PaymentDecline:
 
 
 async def test_upgrade_creates_payment_declines_as_the_model_has_it(url_at_0005: str):
-    assert TABLE not in await _inspect(url_at_0005, _tables)
+    assert TABLE not in await inspect_db(url_at_0005, _tables)
 
     await run_alembic(url_at_0005, "upgrade", "head")
 
-    assert TABLE in await _inspect(url_at_0005, _tables)
-    assert await _inspect(url_at_0005, _differences_from_models) == []
-    assert (await _inspect(url_at_0005, _indexes))["ix_payment_declines_workflow_id"] == (
+    assert TABLE in await inspect_db(url_at_0005, _tables)
+    assert await inspect_db(url_at_0005, differences_from_models) == []
+    assert (await inspect_db(url_at_0005, _indexes))["ix_payment_declines_workflow_id"] == (
         ["workflow_id"],
         False,
     )
@@ -93,12 +77,12 @@ async def test_upgrade_creates_payment_declines_as_the_model_has_it(url_at_0005:
 
 
 async def test_downgrade_to_0005_drops_it_and_upgrade_brings_it_back(url_at_0005: str):
-    before = await _inspect(url_at_0005, _tables)
+    before = await inspect_db(url_at_0005, _tables)
     await run_alembic(url_at_0005, "upgrade", "head")
 
     await run_alembic(url_at_0005, "downgrade", "0005")
 
-    assert await _inspect(url_at_0005, _tables) == before
+    assert await inspect_db(url_at_0005, _tables) == before
     assert TABLE not in before
     await run_alembic(url_at_0005, "upgrade", "head")
-    assert await _inspect(url_at_0005, _differences_from_models) == []
+    assert await inspect_db(url_at_0005, differences_from_models) == []
