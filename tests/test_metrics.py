@@ -48,6 +48,7 @@ from tests.api.conftest import (  # noqa: F401 - fixtures
     temporal_env,
     worker,
 )
+from tests.api.test_orders_e2e import _wait_for_stage
 from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -78,15 +79,6 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
 
 def L(**labels: str) -> frozenset[tuple[str, str]]:  # noqa: N802 - reads like a label set
     return frozenset(labels.items())
-
-
-async def _wait_for_stage(api: Api, order_no: str, stage: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = (await api.get(f"/orders/{order_no}", "mike")).json()
-        if status["stage"] == stage or time.monotonic() > deadline:
-            return status
-        await asyncio.sleep(0.3)
 
 
 async def test_request_and_business_series_after_driving_orders(

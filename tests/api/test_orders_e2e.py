@@ -33,11 +33,24 @@ async def _inbox(api: Api, user: str, order_no: str, **params) -> list[dict]:
     return r.json()["items"]
 
 
+# the order's end stages: the read model has them once the instance's last projection is written
+END_STAGES = ("closed", "rejected", "cancelled", "failed")
+
+
 async def _wait_for_stage(api: Api, order_no: str, stage: str, timeout: float = 60) -> dict:
+    """The order's live status (a query) once it is in `stage`; for an end stage, once the
+    read model shows it too: the query reads the workflow's state, which is at the end while
+    the last projection (a local activity) is still being written."""
     deadline = time.monotonic() + timeout
     while True:
         status = (await api.get(f"/orders/{order_no}", "mike")).json()
-        if status["stage"] == stage or time.monotonic() > deadline:
+        if status["stage"] == stage and stage in END_STAGES:
+            listed = (await api.get("/orders", "mike", params={"stage": stage})).json()
+            if order_no in [o["order_no"] for o in listed["items"]]:
+                return status
+        elif status["stage"] == stage:
+            return status
+        if time.monotonic() > deadline:
             return status
         await asyncio.sleep(0.3)
 
