@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Request, Response, status
 
 from api.errors import TemporalUnavailable
 from api.schemas import Health
 from core.health import database_ok, temporal_answers
-
-log = logging.getLogger("procflow.api")
 
 router = APIRouter(tags=["health"])
 

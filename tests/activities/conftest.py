@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from temporalio.testing import ActivityEnvironment
 
+from activities.payments import PaymentActivities, SandboxPaymentProvider
 from core.db import StockItem, User
 
 
@@ -16,6 +17,17 @@ from core.db import StockItem, User
 def db_url(any_db_url: str) -> str:
     """A fresh migrated database, SQLite and PostgreSQL in turn."""
     return any_db_url
+
+
+@pytest.fixture
+def provider(sessions: async_sessionmaker) -> SandboxPaymentProvider:
+    """The sandbox provider on the test's ledger; it declines CUST-DECLINE's charges."""
+    return SandboxPaymentProvider(sessions, decline_customers={"CUST-DECLINE"})
+
+
+@pytest.fixture
+def payments(provider: SandboxPaymentProvider, sessions: async_sessionmaker) -> PaymentActivities:
+    return PaymentActivities(provider, sessions)
 
 
 @pytest.fixture

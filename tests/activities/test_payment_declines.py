@@ -19,7 +19,6 @@ from activities.models import PAYMENT_DECLINED, PaymentRequest, RefundRequest
 from activities.payments import (
     PaymentActivities,
     PaymentDeclinedError,
-    SandboxPaymentProvider,
     decline_reason,
 )
 from core.db import DECLINE_REASON_LENGTH, LedgerEntry, PaymentDecline
@@ -71,16 +70,6 @@ async def _declined(env: ActivityEnvironment, fn, request) -> ApplicationError: 
         await env.run(fn, request)
     assert err.value.type == PAYMENT_DECLINED and err.value.non_retryable is True
     return err.value
-
-
-@pytest.fixture
-def provider(sessions) -> SandboxPaymentProvider:
-    return SandboxPaymentProvider(sessions, decline_customers={"CUST-DECLINE"})
-
-
-@pytest.fixture
-def payments(provider, sessions) -> PaymentActivities:
-    return PaymentActivities(provider, sessions)
 
 
 async def test_a_declined_charge_is_recorded_once_and_not_in_the_ledger(payments, sessions):

@@ -19,7 +19,6 @@ from activities.models import (
     PaymentRequest,
     RefundRequest,
 )
-from activities.payments import PaymentActivities, SandboxPaymentProvider
 from core.db import LedgerEntry
 
 
@@ -47,16 +46,6 @@ async def _ledger(sessions: async_sessionmaker) -> list[tuple[str, str, Decimal]
     async with sessions() as session:
         rows = (await session.execute(select(LedgerEntry).order_by(LedgerEntry.id))).scalars()
         return [(r.kind, r.idempotency_key, Decimal(r.amount)) for r in rows]
-
-
-@pytest.fixture
-def provider(sessions) -> SandboxPaymentProvider:
-    return SandboxPaymentProvider(sessions, decline_customers={"CUST-DECLINE"})
-
-
-@pytest.fixture
-def payments(provider, sessions) -> PaymentActivities:
-    return PaymentActivities(provider, sessions)
 
 
 async def test_capture_twice_with_same_key_charges_once(payments, sessions, activity_env):
